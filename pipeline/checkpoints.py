@@ -1,0 +1,99 @@
+"""Artifacts on disk: atomic writes, safetensors checkpoints with metadata, file hashes.
+
+Every writer goes through ``atomic_write``: a temporary file in the target's folder, then
+``os.replace``, so a stage killed at any moment leaves the previous file or none.
+Checkpoints are safetensors (no pickle); their metadata holds everything needed to rebuild
+the model (architecture and its arguments, normalisation, the producing config, input hashes).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+META_KEY = "mixmerge"  # one metadata entry: a dict of several would not keep a stable order
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], fieldnames: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue().encode())
+
+
+def replace_dir(target: str | Path, staged: str | Path) -> None:
+    """Swap a fully written folder into place: the old one is moved aside, then deleted."""
+    target, staged = Path(target), Path(staged)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(target: str | Path) -> Path:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+
+
+def md5(path: str | Path) -> str:
+    """The MD5 of a file's bytes: the hash DVC 3 records for a file in dvc.lock."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, st_save(tensors, metadata={META_KEY: json.dumps(metadata, sort_keys=True)}))
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint's own metadata and load its weights."""
+    from pipeline.models import build
+
+    state, meta = load_tensors(path, device)
+    arch = meta["architecture"]
+    model = build(arch["name"], arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
+    model.load_state_dict(state)
+    return model, meta

@@ -1,0 +1,233 @@
+"""params.yaml -> frozen, typed config. A bad value fails at load with one line naming it.
+
+Each stage loads ``base`` plus its own section (DVC hands it only those params).
+Method names are checked against their family's registry; registries are imported
+lazily inside the validators so a stage never pays for a family it does not use.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    create_model,
+    field_validator,
+)
+
+SECTIONS = ("base", "prepare", "pretrain", "mix_train", "merge", "evaluate")
+
+
+class ConfigError(Exception):
+    """A bad configuration or input: the stage exits with code 2 before computing anything."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(family_module: str, registry_attr: str, name: str) -> str:
+    registry = getattr(importlib.import_module(f"pipeline.{family_module}"), registry_attr)
+    if name not in registry:
+        raise ValueError(f"unknown {registry.family} {name!r}; allowed: {', '.join(registry.names())}")
+    return name
+
+
+class BaseConfig(Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Fixed per process: float results on CPU depend on the thread count, and K shard
+    # processes share the cores anyway.
+    torch_threads: PositiveInt = 1
+    # K = len(shards). A list, not a count, because DVC's foreach needs a list.
+    shards: list[NonNegativeInt] = Field(min_length=1)
+
+    @field_validator("shards")
+    @classmethod
+    def _consecutive(cls, v: list[int]) -> list[int]:
+        if v != list(range(len(v))):
+            raise ValueError(f"must be [0, 1, ..., K-1], got {v}")
+        return v
+
+
+class PartitionConfig(Strict):
+    method: str = "iid"
+    alpha: PositiveFloat = 0.5  # Dirichlet concentration (dirichlet)
+    classes_per_shard: PositiveInt = 2  # (pathological)
+    min_shard_size: NonNegativeInt = 1  # dirichlet redraws until every shard has this many
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_name("partition", "PARTITIONERS", v)
+
+
+class PrepareConfig(Strict):
+    dataset: str = "digits"
+    root: str | None = None  # local folder for torchvision datasets or an ImageFolder
+    download: bool = False
+    image_size: PositiveInt | None = None  # ImageFolder: resize to this square size
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    partition: PartitionConfig = PartitionConfig()
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_name("datasets", "DATASETS", v)
+
+
+class OptimConfig(Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: NonNegativeFloat = 5e-4
+
+
+class PretrainConfig(OptimConfig):
+    method: str = "supervised"
+    arch: str = "small_cnn"
+    width: PositiveInt = 32
+    temperature: PositiveFloat = 0.5  # SimCLR's NT-Xent temperature
+    probe_epochs: PositiveInt = 30  # linear head fitted on frozen features after SSL
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _check_name("objectives", "OBJECTIVES", v)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _check_name("models", "ARCHITECTURES", v)
+
+
+class MixTrainConfig(OptimConfig):
+    mixer: str = "mixup"
+    mix_alpha: PositiveFloat = 1.0  # Beta(alpha, alpha) for the mixing ratio
+
+    @field_validator("mixer")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_name("mixers", "MIXERS", v)
+
+
+class MergerSpec(Strict):
+    """One named merge: the registered method and its keyword options."""
+
+    method: str
+    options: dict[str, Any] = {}
+
+
+class MergeConfig(Strict):
+    mergers: dict[str, MergerSpec] = Field(min_length=1)
+    bn_recalibration: bool = True
+    bn_batch_size: PositiveInt = 256
+    registered_model: str = Field("mixmerge-merged", min_length=1)
+
+    @field_validator("mergers", mode="before")
+    @classmethod
+    def _parse(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        return {name: _parse_merger(name, spec) for name, spec in raw.items()}
+
+
+def _parse_merger(name: str, spec: Any) -> MergerSpec:
+    """Validate ``{method: ..., **options}`` against the merger's keyword-only signature."""
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise ValueError(f"{name}: must be a mapping with a 'method' key, got {spec!r}")
+    from pipeline.merging import MERGERS
+
+    method = spec["method"]
+    if method not in MERGERS:
+        raise ValueError(f"{name}.method = {method!r}: allowed: {', '.join(MERGERS.names())}")
+    fn = MERGERS[method]
+    hints = typing.get_type_hints(fn, include_extras=True)  # annotations are strings (PEP 563)
+    fields = {
+        p.name: (hints[p.name], p.default)
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    options_model = create_model(f"{method}_options", __config__=ConfigDict(extra="forbid"), **fields)
+    options = {k: v for k, v in spec.items() if k != "method"}
+    try:
+        parsed = options_model(**options)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        allowed = ", ".join(fields) or "no options"
+        raise ValueError(f"{name}.{key} = {err.get('input')!r}: {err['msg']} (options of {method}: {allowed})")
+    return MergerSpec(method=method, options=parsed.model_dump())
+
+
+class EvaluateConfig(Strict):
+    ece_bins: PositiveInt = 15
+    batch_size: PositiveInt = 512
+
+
+STAGE_MODELS: dict[str, type[Strict]] = {
+    "base": BaseConfig,
+    "prepare": PrepareConfig,
+    "pretrain": PretrainConfig,
+    "mix_train": MixTrainConfig,
+    "merge": MergeConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections {', '.join(SECTIONS)}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}")
+    return raw
+
+
+def load_section(raw: dict[str, Any], section: str, path: str | Path = "params.yaml") -> Any:
+    """Validate one section; raise ConfigError with a one-line 'key = value: problem' message."""
+    try:
+        return STAGE_MODELS[section].model_validate(raw.get(section) or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in (section, *err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(section, err["loc"]))
+            raise ConfigError(f"{path}: unknown key {loc}; allowed: {allowed}") from None
+        raise ConfigError(f"{path}: {loc} = {err.get('input')!r}: {msg}") from None
+
+
+def _allowed_keys(section: str, loc: tuple) -> list[str]:
+    model: Any = STAGE_MODELS[section]
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def load(stage: str, path: str | Path = "params.yaml") -> tuple[BaseConfig, Any]:
+    raw = read_params(path)
+    return load_section(raw, "base", path), load_section(raw, stage, path)

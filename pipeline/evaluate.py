@@ -1,0 +1,128 @@
+"""Stage evaluate: every model side by side on the test split.
+
+Models: the pretrained backbone, each expert, each merged model, and the experts' logit
+ensemble (mean of logits; the reference a merge tries to reach at the cost of one model).
+Metrics: accuracy, NLL, ECE, and accuracy on each shard's own label distribution. The
+merged model with the best validation accuracy gets the registry alias ``best``.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline import cli, config, layout, plots
+from pipeline.checkpoints import load_model, write_csv, write_json
+from pipeline.metrics import classification_report, per_class_accuracy, reliability_bins, shard_accuracy, accuracy
+from pipeline.stage_io import load_manifest, load_prepared
+from pipeline.tracking import Tracker
+from pipeline.training import predict_logits
+
+CODE = ["pipeline/evaluate.py", "pipeline/metrics.py", "pipeline/plots.py", "pipeline/models.py"]
+
+
+def r6(v: float) -> float:
+    return round(float(v), 6)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parser("evaluate").parse_args(argv)
+    base, cfg = config.load("evaluate", args.params)
+    device = cli.setup(base.seed, base.device, base.torch_threads)
+    data = load_prepared(device)
+    manifest = load_manifest()
+    hists = torch.tensor([s["label_histogram"] for s in manifest["shards"]])
+    merged_files = sorted(layout.MERGED.glob("*.safetensors"))
+    candidates = [("pretrained", "pretrained", layout.PRETRAINED)]
+    candidates += [(f"expert_{k}", "expert", layout.expert(k)) for k in base.shards]
+    candidates += [(f.stem, "merged", f) for f in merged_files]
+    missing = [str(p) for _, _, p in candidates if not p.exists()]
+    if missing:
+        raise config.ConfigError(f"inputs missing (run the earlier stages): {', '.join(missing)}")
+
+    with Tracker("evaluate", "evaluate", params_file=args.params) as tracker:
+        tracker.log_params({"base": base.model_dump(), "evaluate": cfg.model_dump()})
+        inputs = [layout.DATASET, layout.MANIFEST] + [p for _, _, p in candidates]
+        producers = tracker.record_inputs(inputs, code=CODE)
+
+        test_logits, val_acc, kinds = {}, {}, {}
+        for name, kind, path in candidates:
+            model, _ = load_model(path, device)
+            test_logits[name] = predict_logits(model, data.x_test, cfg.batch_size)
+            val_acc[name] = accuracy(predict_logits(model, data.x_val, cfg.batch_size), data.y_val)
+            kinds[name] = kind
+        experts = [n for n, k in kinds.items() if k == "expert"]
+        test_logits["ensemble"] = torch.stack([test_logits[n] for n in experts]).mean(0)
+        kinds["ensemble"] = "ensemble"
+
+        y, n_bins, c = data.y_test, cfg.ece_bins, data.num_classes
+        models, rows, shard_rows, rel_rows, curves = {}, [], [], [], {}
+        for name, logits in test_logits.items():
+            report = {k: r6(v) for k, v in classification_report(logits, y, n_bins).items()}
+            class_acc = per_class_accuracy(logits, y, c)
+            per_shard = {f"shard_{k}": r6(shard_accuracy(class_acc, hists[k])) for k in range(len(hists))}
+            models[name] = {"kind": kinds[name], **report, "shard_accuracy": per_shard}
+            rows.append({"model": name, "kind": kinds[name], **report})
+            shard_rows += [{"model": name, "shard": s, "accuracy": a} for s, a in per_shard.items()]
+            bins = reliability_bins(logits.softmax(1), y, n_bins)
+            curves[name] = {k: v.cpu().numpy() for k, v in bins.items()}
+            rel_rows += [
+                {"model": name, "bin": b, "confidence": r6(bins["confidence"][b]), "accuracy": r6(bins["accuracy"][b]),
+                 "count": int(bins["count"][b])}
+                for b in range(n_bins)
+            ]
+
+        best_expert = max(experts, key=lambda n: models[n]["accuracy"])
+        merged_names = [n for n, k in kinds.items() if k == "merged"]
+        summary = {
+            "best_expert": best_expert,
+            "best_expert_accuracy": models[best_expert]["accuracy"],
+            "mean_expert_accuracy": r6(sum(models[n]["accuracy"] for n in experts) / len(experts)),
+            "ensemble_accuracy": models["ensemble"]["accuracy"],
+            "merge_gap": {
+                n: {"vs_best_expert": r6(models[n]["accuracy"] - models[best_expert]["accuracy"]),
+                    "to_ensemble": r6(models["ensemble"]["accuracy"] - models[n]["accuracy"])}
+                for n in merged_names
+            },
+        }
+        if merged_names:
+            summary["best_merged_by_val"] = max(merged_names, key=lambda n: val_acc[n])
+        metrics = {"test": models, "summary": summary}
+
+        write_json(layout.METRICS, metrics)
+        write_csv(layout.MODELS_CSV, rows, ["model", "kind", "accuracy", "nll", "ece"])
+        write_csv(layout.SHARDS_CSV, shard_rows, ["model", "shard", "accuracy"])
+        write_csv(layout.RELIABILITY_CSV, rel_rows, ["model", "bin", "confidence", "accuracy", "count"])
+        plots.comparison_chart(rows, layout.COMPARISON_PNG)
+        shown = ["pretrained", best_expert, "ensemble"] + merged_names
+        plots.reliability_diagram({n: curves[n] for n in shown}, layout.RELIABILITY_PNG)
+
+        outs = [layout.METRICS, layout.MODELS_CSV, layout.SHARDS_CSV, layout.RELIABILITY_CSV,
+                layout.COMPARISON_PNG, layout.RELIABILITY_PNG]
+        tracker.record_outputs(outs)
+        flat = {f"{n}.{k}": v for n, m in models.items() for k, v in m.items() if isinstance(v, float)}
+        flat.update({f"{n}.{s}": a for n, m in models.items() for s, a in m["shard_accuracy"].items()})
+        tracker.log_metrics(flat)
+        tracker.log_artifacts(outs)
+        if merged_names:
+            _alias_best(tracker, producers, summary["best_merged_by_val"])
+
+    print_table(rows)
+
+
+def _alias_best(tracker: Tracker, producers: dict[str, str], best: str) -> None:
+    """Point the registry alias 'best' at the version that holds the best merged model."""
+    run_id = producers.get(str(layout.MERGED / f"{best}.safetensors"))
+    if run_id is None:
+        return
+    for mv in tracker.client.search_model_versions(f"run_id = '{run_id}'"):
+        if mv.tags.get("mixmerge.merger") == best:
+            tracker.client.set_registered_model_alias(mv.name, "best", mv.version)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}")
+    for r in rows:
+        print(f"{r['model']:<18}{r['kind']:<12}{r['accuracy']:>9.4f}{r['nll']:>9.4f}{r['ece']:>9.4f}")
+
+
+if __name__ == "__main__":
+    cli.run("evaluate", main)

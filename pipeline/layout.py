@@ -1,0 +1,39 @@
+"""Where each stage's artifacts live (paths relative to the project root).
+
+dvc.yaml names the same paths; tests/test_layout.py checks that the two agree.
+"""
+from pathlib import Path
+
+PREPARED = Path("data/prepared")
+DATASET = PREPARED / "dataset.safetensors"
+MANIFEST = PREPARED / "partition.json"
+PARTITION_PNG = PREPARED / "partition.png"
+
+PRETRAIN = Path("data/pretrain")
+PRETRAINED = PRETRAIN / "model.safetensors"
+PRETRAIN_METRICS = PRETRAIN / "metrics.json"
+
+EXPERTS = Path("data/experts")
+
+
+def expert(shard: int) -> Path:
+    return EXPERTS / f"shard_{shard}.safetensors"
+
+
+HISTORY = Path("data/history")  # per-epoch training loss, one CSV per training run
+PRETRAIN_HISTORY = HISTORY / "pretrain.csv"
+
+
+def expert_history(shard: int) -> Path:
+    return HISTORY / f"shard_{shard}.csv"
+
+
+MERGED = Path("data/merged")
+
+RESULTS = Path("results")
+METRICS = RESULTS / "metrics.json"
+MODELS_CSV = RESULTS / "models.csv"
+SHARDS_CSV = RESULTS / "per_shard.csv"
+RELIABILITY_CSV = RESULTS / "reliability.csv"
+COMPARISON_PNG = RESULTS / "comparison.png"
+RELIABILITY_PNG = RESULTS / "reliability.png"

@@ -1,0 +1,118 @@
+"""Stage merge: combine the K experts into one model per configured merger, no training.
+
+Each merged model gets its BatchNorm statistics recomputed on the training split (see
+pipeline.batchnorm for why), is written to data/merged/<name>.safetensors, logged to MLflow
+as a pyfunc model (from code, weights as a safetensors artifact) and registered under
+``merge.registered_model`` with the merger's name as alias.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline import cli, config, layout
+from pipeline.batchnorm import has_batchnorm, recalibrate
+from pipeline.checkpoints import load_model, load_tensors, md5, replace_dir, save_tensors, staging_dir
+from pipeline.merging import MERGERS
+from pipeline.metrics import accuracy
+from pipeline.stage_io import load_prepared
+from pipeline.tracking import Tracker
+from pipeline.training import predict_logits
+
+CODE = ["pipeline/merge.py", "pipeline/merging.py", "pipeline/batchnorm.py", "pipeline/models.py",
+        "pipeline/serving.py"]
+
+
+def register(tracker: Tracker, name: str, path, meta: dict, registered_model: str) -> str:
+    """Log a models-from-code pyfunc with the checkpoint as artifact; alias the version `name`."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    shape = meta["image_shape"]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["architecture"]["num_classes"]))]),
+    )
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    # MLflow prints registration chatter and hints that do not apply to a models-from-code
+    # pyfunc with an explicit signature (and, in a uv venv without pip, a pip-version warning).
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
+    chatter = io.StringIO()
+    with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings(), contextlib.redirect_stderr(chatter):
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model="pipeline/serving.py",
+            artifacts={"weights": str(path)},
+            code_paths=["pipeline"],
+            signature=signature,
+            pip_requirements=["torch", "numpy", "safetensors", "mlflow"],  # skip slow inference
+            registered_model_name=registered_model,
+        )
+    version = str(info.registered_model_version)
+    tracker.client.set_model_version_tag(registered_model, version, "mixmerge.merger", name)
+    tracker.client.set_registered_model_alias(registered_model, name, version)
+    print(f"merge: registered models:/{registered_model}@{name} (version {version})")
+    return version
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parser("merge").parse_args(argv)
+    base, cfg = config.load("merge", args.params)
+    device = cli.setup(base.seed, base.device, base.torch_threads)
+    data = load_prepared(device)
+    expert_files = [layout.expert(k) for k in base.shards]
+    missing = [str(f) for f in expert_files if not f.exists()]
+    if missing:
+        raise config.ConfigError(f"base.shards = {base.shards}: expert checkpoints missing: {', '.join(missing)}")
+
+    with Tracker("merge", "merge", params_file=args.params) as tracker:
+        tracker.log_params({"base": base.model_dump(), "merge": cfg.model_dump()})
+        inputs = [layout.DATASET, layout.PRETRAINED, *expert_files]
+        tracker.record_inputs(inputs, code=CODE)
+
+        model, base_meta = load_model(layout.PRETRAINED, device)
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        loaded = [load_tensors(f, device) for f in expert_files]
+        experts = [state for state, _ in loaded]
+        sizes = torch.tensor([meta["shard_size"] for _, meta in loaded], dtype=torch.float32)
+        weights = sizes / sizes.sum()
+
+        staged = staging_dir(layout.MERGED)
+        val_acc, recal = {}, cfg.bn_recalibration and has_batchnorm(model)
+        for name, spec in cfg.mergers.items():
+            merged = MERGERS[spec.method](experts, base_state, weights, **spec.options)
+            model.load_state_dict(merged)
+            if recal:
+                recalibrate(model, data.x_train, cfg.bn_batch_size)
+            val_acc[name] = accuracy(predict_logits(model, data.x_val), data.y_val)
+            meta = {
+                **{k: base_meta[k] for k in ("architecture", "normalization", "image_shape", "classes")},
+                "stage": "merge",
+                "merger": name,
+                "method": spec.method,
+                "options": spec.options,
+                "bn_recalibrated": recal,
+                "expert_weights": [round(w, 8) for w in weights.tolist()],
+                "inputs": {str(f): md5(f) for f in inputs},
+            }
+            save_tensors(staged / f"{name}.safetensors", model.state_dict(), meta)
+        replace_dir(layout.MERGED, staged)
+
+        outs = [layout.MERGED / f"{name}.safetensors" for name in cfg.mergers]
+        tracker.record_outputs(outs)
+        tracker.log_metrics({f"val_accuracy.{n}": a for n, a in val_acc.items()})
+        for name, path in zip(cfg.mergers, outs):
+            _, meta = load_tensors(path)
+            register(tracker, name, path, meta, cfg.registered_model)
+    table = ", ".join(f"{n} {a:.4f}" for n, a in val_acc.items())
+    print(f"merge: {len(experts)} experts -> {len(val_acc)} merged models (BN recomputed: {recal}); val accuracy {table}")
+
+
+if __name__ == "__main__":
+    cli.run("merge", main)

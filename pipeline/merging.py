@@ -1,0 +1,122 @@
+"""Merge K experts into one state dict without training. Pure tensor code.
+
+A merger: ``(experts, base, weights, **options) -> state_dict`` where ``experts`` are K
+state dicts of one architecture, ``base`` the pretrained state dict they were fine-tuned
+from, ``weights`` the experts' data-size weights (sum 1). Options are keyword-only and
+annotated; config validation builds its checks from these signatures.
+
+Merges go tensor by tensor: only the K copies of one tensor are stacked at a time, never
+whole models. Integer buffers (BatchNorm's num_batches_tracked) are taken from expert 0;
+float buffers (BatchNorm running statistics) are averaged and should be recomputed after
+merging (see pipeline.batchnorm).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Callable
+
+import torch
+from pydantic import Field
+
+from pipeline.registry import Registry
+
+StateDict = dict[str, torch.Tensor]
+MERGERS: Registry[Callable[..., StateDict]] = Registry("merger")
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Scale = Annotated[float, Field(gt=0)]
+
+
+def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+    if not experts:
+        raise ValueError("nothing to merge: no experts given")
+    keys = list(experts[0])
+    for i, e in enumerate(experts[1:], 1):
+        if list(e) != keys:
+            raise ValueError(f"expert {i} has different tensors than expert 0")
+    out: StateDict = {}
+    for key in keys:
+        first = experts[0][key]
+        if not first.is_floating_point():
+            out[key] = first.clone()
+            continue
+        stacked = torch.stack([e[key].float() for e in experts])  # (K, *shape)
+        out[key] = combine(key, stacked).to(first.dtype)
+    return out
+
+
+def _weighted_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    w = weights.to(stacked.device, torch.float32).view(-1, *([1] * (stacked.ndim - 1)))
+    return (w * stacked).sum(0)
+
+
+def _is_running_stat(key: str) -> bool:
+    return key.endswith("running_mean") or key.endswith("running_var")
+
+
+@MERGERS.register("uniform")
+def uniform(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor) -> StateDict:
+    """Uniform weight averaging (model soup / 'uniform soup', Wortsman et al. 2022)."""
+    return _per_tensor(experts, lambda _, s: s.mean(0))
+
+
+@MERGERS.register("fedavg")
+def fedavg(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor) -> StateDict:
+    """FedAvg's aggregation: average weighted by each client's number of samples
+    (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data")."""
+    return _per_tensor(experts, lambda _, s: _weighted_mean(s, weights))
+
+
+def _task_vector_merge(
+    experts: list[StateDict], base: StateDict | None, combine_deltas: Callable[[torch.Tensor], torch.Tensor]
+) -> StateDict:
+    if base is None:
+        raise ValueError("this merger needs the pretrained base model")
+
+    def combine(key: str, stacked: torch.Tensor) -> torch.Tensor:
+        if _is_running_stat(key):  # statistics, not learned weights: no task vector
+            return stacked.mean(0)
+        theta0 = base[key].float()
+        return theta0 + combine_deltas(stacked - theta0)
+
+    return _per_tensor(experts, combine)
+
+
+@MERGERS.register("task_arithmetic")
+def task_arithmetic(
+    experts: list[StateDict], base: StateDict | None, weights: torch.Tensor, *, scale: Scale = 0.5
+) -> StateDict:
+    """Task arithmetic: theta_0 + scale * sum_k (theta_k - theta_0) (Ilharco et al. 2023,
+    "Editing Models with Task Arithmetic"). scale = 1/K gives the uniform average."""
+    return _task_vector_merge(experts, base, lambda deltas: scale * deltas.sum(0))
+
+
+def ties_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES on one tensor's K task vectors (K, *shape): trim, elect sign, disjoint mean."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    keep = max(1, int(round(density * flat.shape[1])))
+    # Trim: keep each task vector's top-`density` entries by magnitude, zero the rest.
+    threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+    trimmed = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
+    # Elect: the sign with the larger total magnitude per parameter.
+    sign = torch.sign(trimmed.sum(0))
+    # Disjoint mean: average only the entries that agree with the elected sign.
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return merged.reshape(deltas.shape[1:])
+
+
+@MERGERS.register("ties")
+def ties(
+    experts: list[StateDict],
+    base: StateDict | None,
+    weights: torch.Tensor,
+    *,
+    density: Fraction = 0.2,
+    scale: Scale = 1.0,
+) -> StateDict:
+    """TIES-merging: Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging
+    Models". Trim to the top-``density`` magnitudes, elect a sign per parameter, average the
+    agreeing entries, add ``scale`` times the result to the base. Trimming is per tensor
+    (as mergekit does), not over the whole flattened model as in the paper."""
+    return _task_vector_merge(experts, base, lambda deltas: scale * ties_combine(deltas, density))

@@ -1,0 +1,88 @@
+"""Stage pretrain: train a backbone on the whole training split (supervised or SimCLR).
+
+A self-supervised objective leaves the classifier untrained, so a linear probe (the
+classifier alone, on frozen features) is fitted afterwards; its validation accuracy is
+the representation's linear-probe score, and the probed head makes the backbone usable as
+a classifier and as the common start of the experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import cli, config, layout
+from pipeline.checkpoints import md5, save_tensors, write_csv, write_json
+from pipeline.metrics import accuracy
+from pipeline.models import build
+from pipeline.objectives import OBJECTIVES
+from pipeline.progress import Progress
+from pipeline.stage_io import architecture, load_prepared
+from pipeline.tracking import Tracker
+from pipeline.training import Schedule, extract_features, fit, predict_logits
+
+CODE = ["pipeline/pretrain.py", "pipeline/models.py", "pipeline/objectives.py", "pipeline/augment.py",
+        "pipeline/training.py"]
+
+
+def linear_probe(model, x, y, num_classes, epochs, g, device) -> list[float]:
+    """Fit only the classifier on frozen features (features computed once)."""
+    feats = extract_features(model, x)
+    head = model.classifier
+    return fit(head.parameters(), lambda idx: F.cross_entropy(head(feats[idx]), y[idx]),
+               len(y), Schedule(epochs, 256, 0.1, 0.9, 0.0), g, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parser("pretrain").parse_args(argv)
+    base, cfg = config.load("pretrain", args.params)
+    device = cli.setup(base.seed, base.device, base.torch_threads)
+    data = load_prepared(device)
+    arch = architecture(cfg.arch, data, cfg.width)
+
+    with Tracker("pretrain", "pretrain", params_file=args.params) as tracker:
+        tracker.log_params({"base": base.model_dump(), "pretrain": cfg.model_dump()})
+        producers = tracker.record_inputs([layout.DATASET], code=CODE)
+        tracker.log_dataset("train", layout.DATASET, md5(layout.DATASET), "training")
+
+        model = build(cfg.arch, arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        objective = OBJECTIVES[cfg.method](feature_dim=model.feature_dim, temperature=cfg.temperature).to(device)
+        g = cli.generator(base.seed, device)
+        progress = Progress(f"pretrain[{cfg.method}]", cfg.epochs)
+        x, y = data.x_train, data.y_train
+        model.train()
+        history = fit(
+            list(model.parameters()) + list(objective.parameters()),
+            lambda idx: objective(model, x[idx], y[idx], g),
+            len(y), Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay), g, device,
+            on_epoch=lambda e, loss: progress.update(e, loss),
+        )
+        if not objective.trains_classifier:
+            linear_probe(model, x, y, data.num_classes, cfg.probe_epochs, g, device)
+        val_acc = accuracy(predict_logits(model, data.x_val), data.y_val)
+
+        metadata = {
+            "stage": "pretrain",
+            "architecture": arch,
+            "normalization": {"mean": data.meta["mean"], "std": data.meta["std"]},
+            "image_shape": data.meta["image_shape"],
+            "classes": data.meta["classes"],
+            "config": {"base": base.model_dump(), "pretrain": cfg.model_dump()},
+            "inputs": {str(layout.DATASET): md5(layout.DATASET)},
+        }
+        save_tensors(layout.PRETRAINED, model.state_dict(), metadata)
+        write_csv(layout.PRETRAIN_HISTORY, [{"epoch": i + 1, "loss": round(v, 6)} for i, v in enumerate(history)],
+                  ["epoch", "loss"])
+        metrics = {"val_accuracy": round(val_acc, 6), "final_loss": round(history[-1], 6)}
+        write_json(layout.PRETRAIN_METRICS, metrics)
+        tracker.log_history({"loss": history})
+        tracker.log_metrics(metrics)
+        tracker.record_outputs([layout.PRETRAINED, layout.PRETRAIN_HISTORY, layout.PRETRAIN_METRICS])
+        tracker.log_artifacts([layout.PRETRAIN_HISTORY, layout.PRETRAIN_METRICS])
+    print(f"pretrain: {cfg.method} {cfg.arch}, {cfg.epochs} epochs, val accuracy {val_acc:.4f}"
+          f"{' (linear probe)' if not objective.trains_classifier else ''}; inputs from {sorted(set(producers.values()))}")
+
+
+if __name__ == "__main__":
+    cli.run("pretrain", main)

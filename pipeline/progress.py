@@ -1,0 +1,31 @@
+"""Training progress: one live line on an interactive terminal, a few lines in a log.
+
+Hand-written rather than tqdm: tqdm writes a carriage-return stream into log files, and
+we want at most ~5 lines per training run there.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    def __init__(self, label: str, total_epochs: int, stream: TextIO | None = None):
+        self.label, self.total = label, total_epochs
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.perf_counter()
+        # In a log: the first epoch, each quarter, and the last.
+        self.log_epochs = {1, total_epochs} | {max(1, round(total_epochs * q / 4)) for q in (1, 2, 3)}
+
+    def update(self, epoch: int, loss: float, **extra: float) -> None:
+        elapsed = time.perf_counter() - self.start
+        fields = " ".join(f"{k} {v:.4f}" for k, v in extra.items())
+        line = f"{self.label} epoch {epoch}/{self.total} loss {loss:.4f} {fields} {elapsed:.1f}s".replace("  ", " ")
+        if self.tty:
+            end = "\n" if epoch == self.total else ""
+            self.stream.write(f"\r\033[K{line}{end}")
+            self.stream.flush()
+        elif epoch in self.log_epochs:
+            print(line, file=self.stream, flush=True)

@@ -1,0 +1,45 @@
+"""Reading other stages' artifacts back, shared by the stages that consume them."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline import layout
+from pipeline.checkpoints import load_tensors
+
+
+@dataclass(frozen=True)
+class Prepared:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    meta: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["num_classes"]
+
+
+def load_prepared(device: torch.device) -> Prepared:
+    tensors, meta = load_tensors(layout.DATASET, device)
+    return Prepared(**tensors, meta=meta)
+
+
+def load_manifest() -> dict[str, Any]:
+    return json.loads(layout.MANIFEST.read_text())
+
+
+def architecture(arch: str, prepared: Prepared, width: int) -> dict[str, Any]:
+    """The checkpoint metadata entry that rebuilds the model (see checkpoints.load_model)."""
+    return {
+        "name": arch,
+        "in_channels": prepared.meta["image_shape"][0],
+        "num_classes": prepared.num_classes,
+        "width": width,
+    }

@@ -1,0 +1,104 @@
+"""A minimal training loop over device-resident tensors (no DataLoader, no per-sample Python).
+
+Batches come from a permutation drawn on the device with a seeded generator; the loss
+function receives the batch and decides about augmentation and mixing.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU (CPU bf16 is slower and changes results)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def batches(n: int, batch_size: int, g: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Index batches of one shuffled epoch; the last partial batch is kept if it has >= 2 samples
+    (BatchNorm in train mode needs more than one value per channel)."""
+    perm = torch.randperm(n, generator=g, device=device)
+    for start in range(0, n, batch_size):
+        idx = perm[start : start + batch_size]
+        if len(idx) >= 2:
+            yield idx
+
+
+def fit(
+    params: Iterable[nn.Parameter],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    schedule: Schedule,
+    g: torch.Generator,
+    device: torch.device,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """SGD with Nesterov momentum and a per-step cosine learning rate.
+
+    ``loss_fn(batch_indices) -> scalar loss``. Returns the mean loss of each epoch; the
+    running sum stays on the device and is read once per epoch (no per-step sync).
+    """
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=schedule.lr, momentum=schedule.momentum, nesterov=schedule.momentum > 0,
+        weight_decay=schedule.weight_decay,
+    )
+    steps_per_epoch = max(1, sum(1 for s in range(0, n, schedule.batch_size) if min(schedule.batch_size, n - s) >= 2))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch)
+    history = []
+    for epoch in range(1, schedule.epochs + 1):
+        total, count = torch.zeros((), device=device), 0
+        for idx in batches(n, schedule.batch_size, g, device):
+            with autocast(device):
+                loss = loss_fn(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach().float()
+            count += 1
+        history.append(total.item() / max(count, 1))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        with autocast(x.device):
+            out.append(model(x[start : start + batch_size]).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        with autocast(x.device):
+            out.append(model.features(x[start : start + batch_size]).float())
+    return torch.cat(out)
