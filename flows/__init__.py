@@ -1,0 +1,1 @@
+"""Prefect orchestration of the DVC pipeline. Runs DVC stages; never touches tensors."""

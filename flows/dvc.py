@@ -1,0 +1,63 @@
+"""Thin helpers around the DVC command line and DVC's read-only stage graph."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # DVC's address, e.g. "mix_train@2"
+    cmd: str
+
+
+def layers(root: Path) -> list[list[Stage]]:
+    """The pipeline's stages in topological generations, read from DVC's own graph: every
+    stage of one generation depends only on earlier ones, so they may run concurrently."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        return [
+            sorted((Stage(s.addressing, s.cmd) for s in gen), key=lambda s: s.name)
+            for gen in nx.topological_generations(graph.reverse(copy=False))
+        ]
+
+
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for stage commands: this interpreter's bin folder first on PATH, so
+    `python -m pipeline.<stage>` runs in the same environment as the flow."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run a DVC command, waiting for (not failing on) the repository lock."""
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", "--wait-for-lock", *args],
+        cwd=root, env=stage_env(), capture_output=True, text=True,
+    )
+
+
+def stale(root: Path, names: list[str]) -> list[str]:
+    """The stages among ``names`` that `dvc status` reports as changed (or never run)."""
+    out = dvc(root, "status", "--json", *names)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc status failed: {out.stderr.strip()}")
+    changed = json.loads(out.stdout or "{}")
+    return [n for n in names if n in changed]
+
+
+def commit(root: Path, names: list[str]) -> None:
+    """Record stages whose commands already ran: dvc.lock entries and cached outputs,
+    exactly as `dvc repro` would have written them."""
+    out = dvc(root, "commit", "--force", *names)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc commit {' '.join(names)} failed: {out.stderr.strip()}")

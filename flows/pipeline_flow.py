@@ -1,0 +1,117 @@
+"""The mixmerge pipeline as a Prefect flow.
+
+DVC owns the DAG and the cache, Prefect the scheduling, concurrency and retries, MLflow the
+record. For each generation of DVC's stage graph the flow asks `dvc status` which stages
+are stale, runs their commands concurrently as Prefect tasks (the K mix_train shards run
+at once; `dvc repro` would run them one by one and its repository lock forbids two repro
+processes), then records them with one `dvc commit`. The result is the same outputs and
+dvc.lock as `dvc repro`.
+
+Run: python -m flows.pipeline_flow      (a temporary Prefect server starts if none is set)
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import dvc
+
+EXIT_BAD_CONFIG = 2
+
+
+class StageConfigError(RuntimeError):
+    """A stage refused its configuration (exit 2): retrying cannot help."""
+
+
+def _retry_unless_bad_config(task, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, StageConfigError)
+
+
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_config,
+      task_run_name="{stage.name}")
+def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> float:
+    """Run one DVC stage's command; its output goes to the Prefect log."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    proc = subprocess.run(stage.cmd, shell=True, cwd=root, env=dvc.stage_env(env_extra),
+                          capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            logger.info(line)
+    if proc.returncode == EXIT_BAD_CONFIG:
+        raise StageConfigError(f"{stage.name}: bad configuration: {proc.stderr.strip().splitlines()[-1]}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{stage.name}: `{stage.cmd}` exited with {proc.returncode}")
+    return time.perf_counter() - start
+
+
+@task
+def stale_stages(root: str, names: list[str]) -> list[str]:
+    return dvc.stale(Path(root), names)
+
+
+@task
+def commit_stages(root: str, names: list[str]) -> None:
+    dvc.commit(Path(root), names)
+
+
+def _start_parent_run(root: Path) -> tuple[object, str]:
+    """One MLflow parent run for this flow run; stage runs attach to it as children."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import ensure_experiment, git_commit, start_pipeline_run, tracking_uri
+
+    client = MlflowClient(tracking_uri(root))
+    commit = git_commit(root)
+    params = (root / "params.yaml").read_bytes()
+    key = hashlib.sha256(commit.encode() + b"\0" + params).hexdigest()[:16]
+    run = start_pipeline_run(client, ensure_experiment(client, root), key,
+                             {"mixmerge.git_commit": commit, "mixmerge.orchestrator": "prefect"})
+    return client, run.info.run_id
+
+
+@flow(name="mixmerge-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
+def mixmerge_pipeline(project_dir: str = ".") -> dict:
+    """Bring every DVC stage of the project up to date; returns what ran and what was skipped."""
+    logger = get_run_logger()
+    root = Path(project_dir).resolve()
+    client, parent = _start_parent_run(root)
+    env = {"MIXMERGE_PARENT_RUN_ID": parent}
+    ran, skipped, seconds = [], [], {}
+    try:
+        for layer in dvc.layers(root):
+            names = [s.name for s in layer]
+            todo = set(stale_stages(root, names))
+            skipped += [n for n in names if n not in todo]
+            futures = {s.name: run_stage.submit(str(root), s, env) for s in layer if s.name in todo}
+            done, failed = [], []
+            for name, fut in futures.items():
+                state = fut.wait() or fut.state
+                (done if fut.state.is_completed() else failed).append(name)
+                if fut.state.is_completed():
+                    seconds[name] = round(fut.result(), 2)
+            if done:  # keep finished work even when a sibling failed
+                commit_stages(str(root), done)
+                ran += done
+            if failed:
+                futures[failed[0]].result()  # re-raise the first failure
+            if todo:
+                logger.info(f"ran {sorted(todo)}; up to date: {[n for n in names if n not in todo]}")
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+    client.set_terminated(parent, "FINISHED")
+    return {"ran": ran, "skipped": skipped, "seconds": seconds, "mlflow_parent_run": parent}
+
+
+if __name__ == "__main__":
+    summary = mixmerge_pipeline()
+    print(f"ran: {', '.join(summary['ran']) or 'nothing'}; up to date: {', '.join(summary['skipped']) or 'nothing'}")
+    sys.exit(0)
