@@ -1,0 +1,119 @@
+import sys
+
+import pytest
+import yaml
+
+from pipeline import config
+from tests.conftest import default_params, run, set_key
+
+
+def load_with(tmp_path, stage, dotted, value):
+    params = set_key(default_params(), dotted, value) if dotted else default_params()
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return config.load(stage, path)
+
+
+def test_default_params_are_valid(tmp_path):
+    for stage in ("prepare", "pretrain", "mix_train", "merge", "evaluate"):
+        base, cfg = load_with(tmp_path, stage, None, None)
+        assert base.shards == [0, 1, 2, 3]
+    _, merge = load_with(tmp_path, "merge", None, None)
+    assert merge.mergers["ties"].options == {"density": 0.2, "scale": 1.0}
+
+
+@pytest.mark.parametrize(
+    "stage,key,value,expected",
+    [
+        ("pretrain", "pretrain.lrr", 0.1, "unknown key pretrain.lrr; allowed: epochs, batch_size, lr"),
+        ("pretrain", "pretrain.epochs", "ten", "pretrain.epochs = 'ten': Input should be a valid integer"),
+        ("pretrain", "pretrain.epochs", 0, "pretrain.epochs = 0: Input should be greater than 0"),
+        ("mix_train", "mix_train.lr", -0.1, "mix_train.lr = -0.1: Input should be greater than 0"),
+        ("mix_train", "mix_train.lr", 0, "mix_train.lr = 0: Input should be greater than 0"),
+        ("mix_train", "mix_train.mixer", "blend", "mix_train.mixer = 'blend': unknown mixer 'blend'; allowed: cutmix, mixup, none"),
+        ("pretrain", "pretrain.method", "byol", "unknown pretrain method 'byol'; allowed: simclr, supervised"),
+        ("pretrain", "pretrain.arch", "vit", "unknown architecture 'vit'"),
+        ("prepare", "prepare.partition.alpha", 0, "prepare.partition.alpha = 0: Input should be greater than 0"),
+        ("prepare", "prepare.partition.alpha", -1.5, "prepare.partition.alpha = -1.5"),
+        ("prepare", "prepare.partition.method", "zipf", "unknown partitioner 'zipf'; allowed: dirichlet, iid, pathological"),
+        ("prepare", "prepare.partition.beta", 1, "unknown key prepare.partition.beta; allowed: method, alpha"),
+        ("prepare", "prepare.dataset", "imagenet", "unknown dataset 'imagenet'"),
+        ("prepare", "prepare.val_fraction", 0.7, "prepare.val_fraction = 0.7: Input should be less than 0.5"),
+        ("prepare", "base.shards", [0, 2], "base.shards = [0, 2]: must be [0, 1, ..., K-1]"),
+        ("prepare", "base.shards", [], "base.shards = []"),
+        ("prepare", "base.device", "tpu", "base.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
+        ("merge", "merge.mergers.ties.density", 1.5, "ties.density = 1.5: Input should be less than or equal to 1"),
+        ("merge", "merge.mergers.ties.sharpness", 2, "ties.sharpness = 2: Extra inputs are not permitted (options of ties: density, scale)"),
+        ("merge", "merge.mergers.mine", {"method": "magic"}, "mine.method = 'magic': allowed: fedavg, task_arithmetic, ties, uniform"),
+        ("merge", "merge.mergers.avg2", {"method": "uniform", "scale": 2}, "avg2.scale = 2: Extra inputs are not permitted (options of uniform: no options)"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(tmp_path, stage, key, value, expected):
+    with pytest.raises(config.ConfigError) as e:
+        load_with(tmp_path, stage, key, value)
+    msg = str(e.value)
+    assert expected in msg
+    assert "\n" not in msg, "one line"
+
+
+def test_unknown_section_and_bad_yaml(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({**default_params(), "prepar": {}}))
+    with pytest.raises(config.ConfigError, match="unknown section 'prepar'"):
+        config.load("prepare", p)
+    p.write_text("base: [unclosed")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load("prepare", p)
+    with pytest.raises(config.ConfigError, match="file not found"):
+        config.load("prepare", tmp_path / "nope.yaml")
+
+
+def write_outputs(root):
+    out = root / "data" / "prepared"
+    out.mkdir(parents=True)
+    for name in ("dataset.safetensors", "partition.json", "partition.png"):
+        (out / name).write_bytes(b"previous result")
+    return out
+
+
+def assert_refused(proc, root, out, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert all(f.read_bytes() == b"previous result" for f in out.iterdir()), "outputs untouched"
+    assert not (root / "mlflow.db").exists(), "nothing recorded for a refused config"
+
+
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("prepare.partition.alpha", 0, "prepare.partition.alpha = 0"),
+        ("base.shards", list(range(1300)), "base.shards has 1300 shards: more than the 1221 training samples"),
+        ("prepare.dataset", "mnist", "prepare.root is not set"),
+    ],
+)
+def test_stage_exits_2_with_one_line_and_keeps_outputs(tmp_path, key, value, needle):
+    params = set_key(default_params(), key, value)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = write_outputs(tmp_path)
+    proc = run([sys.executable, "-m", "pipeline.prepare"], tmp_path)
+    assert_refused(proc, tmp_path, out, needle)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "imagefolder"])
+def test_missing_dataset_folder_exits_2(tmp_path, dataset):
+    params = set_key(default_params(), "prepare.dataset", dataset)
+    set_key(params, "prepare.root", str(tmp_path / "no-such-folder"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = write_outputs(tmp_path)
+    proc = run([sys.executable, "-m", "pipeline.prepare"], tmp_path)
+    assert_refused(proc, tmp_path, out, "no-such-folder")
+
+
+def test_pathological_that_cannot_cover_the_classes_exits_2(tmp_path):
+    params = set_key(default_params(), "prepare.partition.method", "pathological")
+    set_key(params, "prepare.partition.classes_per_shard", 1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = write_outputs(tmp_path)
+    proc = run([sys.executable, "-m", "pipeline.prepare"], tmp_path)
+    assert_refused(proc, tmp_path, out, "cannot cover 10 classes")

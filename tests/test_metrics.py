@@ -1,0 +1,51 @@
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassCalibrationError
+
+from pipeline.metrics import (
+    accuracy,
+    expected_calibration_error,
+    nll,
+    per_class_accuracy,
+    reliability_bins,
+    shard_accuracy,
+)
+
+
+def sample(n=500, c=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g) * 3
+    y = torch.randint(0, c, (n,), generator=g)
+    return logits, y
+
+
+def test_ece_agrees_with_torchmetrics():
+    for seed in range(3):
+        logits, y = sample(seed=seed)
+        probs = logits.softmax(1)
+        for bins in (5, 15):
+            ref = MulticlassCalibrationError(num_classes=7, n_bins=bins, norm="l1")(probs, y).item()
+            assert abs(expected_calibration_error(probs, y, bins) - ref) < 1e-6
+
+
+def test_accuracy_and_nll():
+    logits, y = sample()
+    assert accuracy(logits, y) == (logits.argmax(1) == y).float().mean().item()
+    assert abs(nll(logits, y) - F.cross_entropy(logits, y).item()) < 1e-6
+
+
+def test_reliability_bins_count_everything():
+    logits, y = sample()
+    b = reliability_bins(logits.softmax(1), y, 10)
+    assert b["count"].sum().item() == len(y)
+    assert ((b["confidence"] >= 0) & (b["confidence"] <= 1)).all()
+
+
+def test_shard_accuracy_reweights_classes():
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0], [0, 0, 5.0]])
+    y = torch.tensor([0, 1, 1, 2])  # class 0: 1/1, class 1: 1/2, class 2: 1/1
+    acc = per_class_accuracy(logits, y, 3)
+    assert torch.allclose(acc, torch.tensor([1.0, 0.5, 1.0]))
+    # a shard holding only class 1 sees 0.5; one with classes 0 and 1 equally sees 0.75
+    assert shard_accuracy(acc, torch.tensor([0, 10, 0])) == 0.5
+    assert abs(shard_accuracy(acc, torch.tensor([4, 4, 0])) - 0.75) < 1e-7

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from pipeline.partition import PARTITIONERS, label_histograms, partition_hash
+from pipeline.prepare import heterogeneity
+
+LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 balanced classes
+OPTS = {"alpha": 0.5, "classes_per_shard": 3, "min_shard_size": 1}
+
+
+@pytest.mark.parametrize("method", PARTITIONERS.names())
+def test_disjoint_and_complete(method):
+    shards = PARTITIONERS[method](LABELS, 5, np.random.default_rng(0), **OPTS)
+    assert len(shards) == 5
+    allidx = np.concatenate(shards)
+    assert len(allidx) == len(LABELS), "every sample is in exactly one shard"
+    assert len(np.unique(allidx)) == len(LABELS)
+    assert all((np.diff(s) > 0).all() for s in shards), "indices are sorted"
+
+
+@pytest.mark.parametrize("method", PARTITIONERS.names())
+def test_seeded(method):
+    a = PARTITIONERS[method](LABELS, 4, np.random.default_rng(7), **OPTS)
+    b = PARTITIONERS[method](LABELS, 4, np.random.default_rng(7), **OPTS)
+    c = PARTITIONERS[method](LABELS, 4, np.random.default_rng(8), **OPTS)
+    assert partition_hash(a) == partition_hash(b)
+    assert partition_hash(a) != partition_hash(c)
+
+
+def test_dirichlet_small_alpha_is_skewed():
+    def het(alpha):
+        shards = PARTITIONERS["dirichlet"](LABELS, 5, np.random.default_rng(0), alpha=alpha)
+        return heterogeneity(label_histograms(LABELS, shards, 10))
+
+    iid = PARTITIONERS["iid"](LABELS, 5, np.random.default_rng(0))
+    assert het(0.05) > 0.6 > het(100.0)
+    assert het(100.0) < 0.15
+    assert heterogeneity(label_histograms(LABELS, iid, 10)) < 0.15
+
+
+def test_pathological_gives_exact_class_counts():
+    shards = PARTITIONERS["pathological"](LABELS, 5, np.random.default_rng(0), classes_per_shard=2)
+    hist = label_histograms(LABELS, shards, 10)
+    assert ((hist > 0).sum(1) == 2).all()
+
+
+def test_pathological_refuses_uncoverable_classes():
+    with pytest.raises(ValueError, match="cannot cover"):
+        PARTITIONERS["pathological"](LABELS, 2, np.random.default_rng(0), classes_per_shard=2)
+
+
+def test_dirichlet_min_size_unreachable_is_an_error():
+    with pytest.raises(ValueError, match="min_shard_size"):
+        PARTITIONERS["dirichlet"](LABELS, 5, np.random.default_rng(0), alpha=0.5, min_shard_size=500, max_draws=5)
