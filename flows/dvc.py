@@ -23,8 +23,10 @@ def layers(root: Path) -> list[list[Stage]]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        # stage.name, not stage.addressing: the latter is relative to *this* process's cwd
+        # ("../proj/dvc.yaml:prepare"), but the dvc commands run inside the project.
         return [
-            sorted((Stage(s.addressing, s.cmd) for s in gen), key=lambda s: s.name)
+            sorted((Stage(s.name, s.cmd) for s in gen), key=lambda s: s.name)
             for gen in nx.topological_generations(graph.reverse(copy=False))
         ]
 

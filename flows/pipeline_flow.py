@@ -36,10 +36,11 @@ def _retry_unless_bad_config(task, task_run, state) -> bool:
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_config,
       task_run_name="{stage.name}")
-def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> float:
-    """Run one DVC stage's command; its output goes to the Prefect log."""
+def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[str, float]:
+    """Run one DVC stage's command; its output goes to the Prefect log. Returns wall-clock
+    start and end (epoch seconds) of the command."""
     logger = get_run_logger()
-    start = time.perf_counter()
+    start = time.time()
     proc = subprocess.run(stage.cmd, shell=True, cwd=root, env=dvc.stage_env(env_extra),
                           capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -49,7 +50,7 @@ def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> float:
         raise StageConfigError(f"{stage.name}: bad configuration: {proc.stderr.strip().splitlines()[-1]}")
     if proc.returncode != 0:
         raise RuntimeError(f"{stage.name}: `{stage.cmd}` exited with {proc.returncode}")
-    return time.perf_counter() - start
+    return {"started": start, "finished": time.time()}
 
 
 @task
@@ -84,7 +85,7 @@ def mixmerge_pipeline(project_dir: str = ".") -> dict:
     root = Path(project_dir).resolve()
     client, parent = _start_parent_run(root)
     env = {"MIXMERGE_PARENT_RUN_ID": parent}
-    ran, skipped, seconds = [], [], {}
+    ran, skipped, timings = [], [], {}
     try:
         for layer in dvc.layers(root):
             names = [s.name for s in layer]
@@ -93,10 +94,12 @@ def mixmerge_pipeline(project_dir: str = ".") -> dict:
             futures = {s.name: run_stage.submit(str(root), s, env) for s in layer if s.name in todo}
             done, failed = [], []
             for name, fut in futures.items():
-                state = fut.wait() or fut.state
-                (done if fut.state.is_completed() else failed).append(name)
+                fut.wait()
                 if fut.state.is_completed():
-                    seconds[name] = round(fut.result(), 2)
+                    done.append(name)
+                    timings[name] = fut.result()
+                else:
+                    failed.append(name)
             if done:  # keep finished work even when a sibling failed
                 commit_stages(str(root), done)
                 ran += done
@@ -108,7 +111,7 @@ def mixmerge_pipeline(project_dir: str = ".") -> dict:
         client.set_terminated(parent, "FAILED")
         raise
     client.set_terminated(parent, "FINISHED")
-    return {"ran": ran, "skipped": skipped, "seconds": seconds, "mlflow_parent_run": parent}
+    return {"ran": ran, "skipped": skipped, "timings": timings, "mlflow_parent_run": parent}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""`dvc repro` in a copy of the repository, on real data, checked through DVC and MLflow."""
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.checkpoints import md5
+from tests.conftest import TINY, run
+
+K = len(TINY["base.shards"])
+MERGERS = ["fedavg", "task_arithmetic", "ties", "uniform"]
+
+
+def lock_md5s(root):
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    out = {}
+    for stage in lock["stages"].values():
+        for entry in stage.get("deps", []) + stage.get("outs", []):
+            out[entry["path"]] = entry["md5"]
+    return out
+
+
+def test_metrics_cover_every_model(repro_project):
+    metrics = json.loads((repro_project / "results/metrics.json").read_text())
+    models = metrics["test"]
+    expected = {"pretrained", "ensemble", *MERGERS, *(f"expert_{k}" for k in range(K))}
+    assert set(models) == expected
+    for name, m in models.items():
+        assert 0 <= m["accuracy"] <= 1 and m["nll"] > 0 and 0 <= m["ece"] <= 1, name
+        assert set(m["shard_accuracy"]) == {f"shard_{k}" for k in range(K)}
+    assert models["pretrained"]["accuracy"] > 0.3, "well above chance (0.1) on digits"
+    s = metrics["summary"]
+    assert s["best_expert_accuracy"] == max(models[f"expert_{k}"]["accuracy"] for k in range(K))
+    for m in MERGERS:
+        gap = s["merge_gap"][m]["vs_best_expert"]
+        assert abs(gap - (models[m]["accuracy"] - s["best_expert_accuracy"])) < 1e-6
+
+
+def test_plots_and_manifest_are_written(repro_project):
+    for png in ("results/comparison.png", "results/reliability.png", "data/prepared/partition.png"):
+        assert (repro_project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    rows = (repro_project / "results/models.csv").read_text().splitlines()
+    assert rows[0] == "model,kind,accuracy,nll,ece" and len(rows) == 1 + 2 + K + len(MERGERS)
+    manifest = json.loads((repro_project / "data/prepared/partition.json").read_text())
+    assert manifest["num_shards"] == K
+    assert sum(s["size"] for s in manifest["shards"]) == sum(sum(s["label_histogram"]) for s in manifest["shards"])
+    proc = run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots_html"], repro_project)
+    assert proc.returncode == 0, proc.stderr
+    assert (repro_project / "plots_html" / "index.html").exists()
+
+
+def test_up_to_date_pipeline_runs_nothing(repro_project):
+    proc = run([sys.executable, "-m", "dvc", "repro"], repro_project)
+    assert proc.returncode == 0
+    assert "Running stage" not in proc.stdout
+    assert "Data and pipelines are up to date" in proc.stdout
+
+
+def stale_after(root, edit_file, edit):
+    path = root / edit_file
+    original = path.read_text()
+    try:
+        path.write_text(edit(original))
+        proc = run([sys.executable, "-m", "dvc", "status", "--json"], root)
+        return set(json.loads(proc.stdout))
+    finally:
+        path.write_text(original)
+
+
+def test_a_stage_reruns_when_its_params_code_or_inputs_change_and_only_then(repro_project):
+    mix = stale_after(repro_project, "params.yaml", lambda s: s.replace("mixer: mixup", "mixer: cutmix"))
+    assert mix == {f"mix_train@{k}" for k in range(K)}
+    merge_param = stale_after(repro_project, "params.yaml", lambda s: s.replace("density: 0.2", "density: 0.3"))
+    assert merge_param == {"merge"}
+    code = stale_after(repro_project, "pipeline/merging.py", lambda s: s + "\n# touched\n")
+    assert code == {"merge"}
+    shared = stale_after(repro_project, "pipeline/models.py", lambda s: s + "\n# touched\n")
+    assert shared == {"pretrain", "merge", "evaluate", *(f"mix_train@{k}" for k in range(K))}
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(repro_project):
+    return MlflowClient(f"sqlite:///{repro_project / 'mlflow.db'}")
+
+
+def runs_by_stage(client):
+    exp = client.get_experiment_by_name("mixmerge")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by = {}
+    for r in runs:
+        by.setdefault(r.data.tags.get("mixmerge.stage", r.data.tags.get("mixmerge.role")), []).append(r)
+    return by
+
+
+def test_mlflow_parent_and_child_runs(mlflow_client):
+    by = runs_by_stage(mlflow_client)
+    assert len(by["pipeline"]) == 1
+    parent = by["pipeline"][0].info.run_id
+    counts = {stage: len(by.get(stage, [])) for stage in ("prepare", "pretrain", "mix_train", "merge", "evaluate")}
+    assert counts == {"prepare": 1, "pretrain": 1, "mix_train": K, "merge": 1, "evaluate": 1}
+    for stage, runs in by.items():
+        for r in runs:
+            if stage != "pipeline":
+                assert r.data.tags["mlflow.parentRunId"] == parent
+                assert r.info.status == "FINISHED"
+                assert len(r.data.tags["mixmerge.git_commit"]) == 40
+    shard_run = by["mix_train"][0]
+    assert "mix_train.mixer" in shard_run.data.params and "base.seed" in shard_run.data.params
+    history = mlflow_client.get_metric_history(shard_run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, TINY["mix_train.epochs"] + 1))
+    prep = by["prepare"][0]
+    assert prep.inputs.dataset_inputs and prep.inputs.dataset_inputs[0].dataset.name == "digits"
+    assert "evaluate" in by and "ensemble.accuracy" in by["evaluate"][0].data.metrics
+
+
+def test_lineage_walks_back_from_merged_model_to_partition(mlflow_client, repro_project):
+    by = runs_by_stage(mlflow_client)
+    md5s = lock_md5s(repro_project)
+    merge = by["merge"][0].data.tags
+    shard_runs = {r.data.params["shard"]: r for r in by["mix_train"]}
+    for k in range(K):
+        path = f"data/experts/shard_{k}.safetensors"
+        expert = shard_runs[str(k)]
+        # the merge run names the expert runs that wrote its inputs, and the hashes DVC has
+        assert merge[f"mixmerge.input_run.{path}"] == expert.info.run_id
+        assert merge[f"mixmerge.dep.{path}"] == md5s[path]
+        assert expert.data.tags[f"mixmerge.out.{path}"] == md5s[path]
+        # each expert names the pretrain and prepare runs
+        assert expert.data.tags["mixmerge.input_run.data/pretrain/model.safetensors"] == by["pretrain"][0].info.run_id
+        assert expert.data.tags["mixmerge.input_run.data/prepared/partition.json"] == by["prepare"][0].info.run_id
+    for name in MERGERS:
+        path = f"data/merged/{name}.safetensors"
+        assert merge[f"mixmerge.out.{path}"] == md5(repro_project / path)
+    assert by["merge"][0].data.tags["mixmerge.dep.pipeline/merging.py"] == md5s["pipeline/merging.py"]
+
+
+def test_registered_model_loads_by_alias_and_unpickles_nothing(mlflow_client, repro_project, monkeypatch):
+    import mlflow
+    from sklearn.datasets import load_digits
+
+    name = "mixmerge-merged"
+    aliases = mlflow_client.get_registered_model(name).aliases
+    assert set(aliases) >= {"best", *MERGERS}
+    calls = []
+    for fn in ("load", "loads"):
+        orig = getattr(pickle, fn)
+        monkeypatch.setattr(pickle, fn, lambda *a, _o=orig, _n=fn, **k: (calls.append(_n), _o(*a, **k))[1])
+    mlflow.set_tracking_uri(f"sqlite:///{repro_project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{name}@best")
+    digits = load_digits()
+    images = (digits.images[:32] / 16.0).astype(np.float32)[:, None]
+    probs = model.predict(images)
+    assert probs.shape == (32, 10)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == digits.target[:32]).mean() > 0.3
+    assert calls == [], "loading the model must not unpickle anything"

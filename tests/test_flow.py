@@ -1,0 +1,90 @@
+"""The Prefect flow on a real temporary Prefect server (prefect_test_harness)."""
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.dvc import Stage
+from flows.pipeline_flow import StageConfigError, mixmerge_pipeline, run_stage
+from tests.conftest import TINY, make_project
+
+K = len(TINY["base.shards"])
+ALL = ["prepare", "pretrain", *(f"mix_train@{k}" for k in range(K)), "merge", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_project(harness, tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("flow"), TINY)
+    summary = mixmerge_pipeline(project_dir=str(root))
+    return root, summary
+
+
+def test_flow_runs_every_stage_in_dag_order(flow_project):
+    _, summary = flow_project
+    assert summary["ran"] == ALL
+    assert summary["skipped"] == []
+
+
+def test_flow_ends_with_the_same_lock_and_outputs_as_dvc_repro(flow_project, repro_project):
+    root, _ = flow_project
+    assert yaml.safe_load((root / "dvc.lock").read_text()) == yaml.safe_load((repro_project / "dvc.lock").read_text())
+    # byte for byte: same params on CPU give the same metrics file, however the stages ran
+    assert (root / "results/metrics.json").read_bytes() == (repro_project / "results/metrics.json").read_bytes()
+
+
+def test_flow_ran_shards_concurrently_under_one_parent_run(flow_project):
+    root, summary = flow_project
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mixmerge")
+    shards = client.search_runs([exp.experiment_id], "tags.`mixmerge.stage` = 'mix_train'")
+    assert len(shards) == K
+    assert {r.data.tags["mlflow.parentRunId"] for r in shards} == {summary["mlflow_parent_run"]}
+    parent = client.get_run(summary["mlflow_parent_run"])
+    assert parent.data.tags["mixmerge.orchestrator"] == "prefect" and parent.info.status == "FINISHED"
+    # every shard's command started before any other finished: they ran at the same time
+    t = [summary["timings"][f"mix_train@{k}"] for k in range(K)]
+    assert max(x["started"] for x in t) < min(x["finished"] for x in t)
+
+
+def test_second_flow_run_skips_up_to_date_stages(flow_project):
+    root, _ = flow_project
+    summary = mixmerge_pipeline(project_dir=str(root))
+    assert summary["ran"] == [] and summary["skipped"] == ALL
+
+
+def test_flow_reruns_only_what_a_param_change_touches(flow_project):
+    root, _ = flow_project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["merge"]["mergers"]["ties"]["density"] = 0.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    summary = mixmerge_pipeline(project_dir=str(root))
+    assert summary["ran"] == ["merge", "evaluate"]
+    meta = json.loads((root / "results/metrics.json").read_text())
+    assert "ties" in meta["test"]
+
+
+@flow
+def _one_stage(root: str, stage: Stage):
+    return run_stage(root, stage, {})
+
+
+def test_a_failing_stage_is_retried(harness, tmp_path):
+    cmd = "echo x >> attempts; [ $(wc -l < attempts) -ge 2 ]"  # fails once, then succeeds
+    _one_stage(str(tmp_path), Stage("flaky", cmd))
+    assert (tmp_path / "attempts").read_text().count("x") == 2
+
+
+def test_a_bad_configuration_is_not_retried(harness, tmp_path):
+    cmd = "echo x >> attempts; echo 'flaky: error: bad key' >&2; exit 2"
+    with pytest.raises(StageConfigError, match="bad key"):
+        _one_stage(str(tmp_path), Stage("bad", cmd))
+    assert (tmp_path / "attempts").read_text().count("x") == 1
