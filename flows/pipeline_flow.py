@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import dvc
+from flows import dvc_commands as dvc
 
 EXIT_BAD_CONFIG = 2
 

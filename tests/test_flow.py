@@ -1,5 +1,6 @@
 """The Prefect flow on a real temporary Prefect server (prefect_test_harness)."""
 import json
+import sys
 
 import pytest
 import yaml
@@ -7,7 +8,7 @@ from mlflow import MlflowClient
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.dvc import Stage
+from flows.dvc_commands import Stage
 from flows.pipeline_flow import StageConfigError, mixmerge_pipeline, run_stage
 from tests.conftest import TINY, make_project
 
@@ -88,3 +89,39 @@ def test_a_bad_configuration_is_not_retried(harness, tmp_path):
     with pytest.raises(StageConfigError, match="bad key"):
         _one_stage(str(tmp_path), Stage("bad", cmd))
     assert (tmp_path / "attempts").read_text().count("x") == 1
+
+
+def test_deployment_is_scheduled_and_a_process_worker_runs_it(flow_project):
+    """`prefect deploy` with the repository's prefect.yaml, then one run through a real worker."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import run
+
+    root, _ = flow_project
+    env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "PWD": str(root)}
+    for cmd in (["work-pool", "create", "gpu-pool", "--type", "process"],
+                ["--no-prompt", "deploy", "--all"],
+                ["deployment", "run", "mixmerge-pipeline/nightly"]):
+        proc = run([sys.executable, "-m", "prefect", *cmd], root, **env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    async def deployment_and_runs():
+        async with get_client() as client:
+            dep = await client.read_deployment_by_name("mixmerge-pipeline/nightly")
+            runs = await client.read_flow_runs()
+            return dep, [r for r in runs if r.deployment_id == dep.id]
+
+    dep, _ = asyncio.run(deployment_and_runs())
+    assert dep.work_pool_name == "gpu-pool"
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+    assert dep.entrypoint == "flows/pipeline_flow.py:mixmerge_pipeline"
+
+    worker = run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu-pool", "--run-once"],
+                 root, **env)
+    assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+    _, runs = asyncio.run(deployment_and_runs())
+    manual = [r for r in runs if r.state and r.state.is_final()]
+    assert manual and all(r.state.is_completed() for r in manual), [r.state for r in runs]

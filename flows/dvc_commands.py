@@ -1,4 +1,8 @@
-"""Thin helpers around the DVC command line and DVC's read-only stage graph."""
+"""Thin helpers around the DVC command line and DVC's read-only stage graph.
+
+(Not named dvc.py: a worker loads the flow file by path, which puts flows/ on sys.path,
+where a dvc.py would shadow the dvc package.)
+"""
 from __future__ import annotations
 
 import json
