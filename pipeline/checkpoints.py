@@ -86,14 +86,3 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
         return {k: f.get_tensor(k) for k in f.keys()}, meta
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint's own metadata and load its weights."""
-    from pipeline.models import build
-
-    state, meta = load_tensors(path, device)
-    arch = meta["architecture"]
-    model = build(arch["name"], arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
-    model.load_state_dict(state)
-    return model, meta

@@ -10,9 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.datasets import DataError
-from pipeline.training import resolve_device
+from pipeline.errors import ConfigError, DataError
 
 EXIT_BAD_CONFIG = 2
 
@@ -37,6 +35,12 @@ def run(stage: str, main: Callable[[list[str] | None], None], argv: list[str] | 
     except (ConfigError, DataError) as e:
         print(f"{stage}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def setup(seed: int, device: str, threads: int) -> torch.device:

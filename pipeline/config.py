@@ -26,19 +26,21 @@ from pydantic import (
     field_validator,
 )
 
+from pipeline.errors import ConfigError  # noqa: E402  (re-exported: config.ConfigError)
+
 SECTIONS = ("base", "prepare", "pretrain", "mix_train", "merge", "evaluate")
-
-
-class ConfigError(Exception):
-    """A bad configuration or input: the stage exits with code 2 before computing anything."""
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _registry(family_module: str, registry_attr: str):
+    return getattr(importlib.import_module(f"pipeline.{family_module}"), registry_attr)
+
+
 def _check_name(family_module: str, registry_attr: str, name: str) -> str:
-    registry = getattr(importlib.import_module(f"pipeline.{family_module}"), registry_attr)
+    registry = _registry(family_module, registry_attr)
     if name not in registry:
         raise ValueError(f"unknown {registry.family} {name!r}; allowed: {', '.join(registry.names())}")
     return name
@@ -149,8 +151,7 @@ def _parse_merger(name: str, spec: Any) -> MergerSpec:
     """Validate ``{method: ..., **options}`` against the merger's keyword-only signature."""
     if not isinstance(spec, dict) or "method" not in spec:
         raise ValueError(f"{name}: must be a mapping with a 'method' key, got {spec!r}")
-    from pipeline.merging import MERGERS
-
+    MERGERS = _registry("merging", "MERGERS")
     method = spec["method"]
     if method not in MERGERS:
         raise ValueError(f"{name}.method = {method!r}: allowed: {', '.join(MERGERS.names())}")

@@ -13,11 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.errors import DataError
 from pipeline.registry import Registry
-
-
-class DataError(Exception):
-    """The dataset could not be found or read."""
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 
 from pipeline import cli, config, layout, plots
-from pipeline.checkpoints import load_model, write_csv, write_json
+from pipeline.checkpoints import write_csv, write_json
 from pipeline.metrics import classification_report, per_class_accuracy, reliability_bins, shard_accuracy, accuracy
-from pipeline.stage_io import load_manifest, load_prepared
+from pipeline.stage_io import load_model, load_manifest, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import predict_logits
 
-CODE = ["pipeline/evaluate.py", "pipeline/metrics.py", "pipeline/plots.py", "pipeline/models.py"]
 
 
 def r6(v: float) -> float:
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     with Tracker("evaluate", "evaluate", params_file=args.params) as tracker:
         tracker.log_params({"base": base.model_dump(), "evaluate": cfg.model_dump()})
         inputs = [layout.DATASET, layout.MANIFEST] + [p for _, _, p in candidates]
-        producers = tracker.record_inputs(inputs, code=CODE)
+        producers = tracker.record_inputs(inputs)
 
         test_logits, val_acc, kinds = {}, {}, {}
         for name, kind, path in candidates:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             report = {k: r6(v) for k, v in classification_report(logits, y, n_bins).items()}
             class_acc = per_class_accuracy(logits, y, c)
             per_shard = {f"shard_{k}": r6(shard_accuracy(class_acc, hists[k])) for k in range(len(hists))}
-            models[name] = {"kind": kinds[name], **report, "shard_accuracy": per_shard}
+            models[name] = {**report, "shard_accuracy": per_shard}
             rows.append({"model": name, "kind": kinds[name], **report})
             shard_rows += [{"model": name, "shard": s, "accuracy": a} for s, a in per_shard.items()]
             bins = reliability_bins(logits.softmax(1), y, n_bins)

@@ -11,15 +11,13 @@ import torch
 
 from pipeline import cli, config, layout
 from pipeline.batchnorm import has_batchnorm, recalibrate
-from pipeline.checkpoints import load_model, load_tensors, md5, replace_dir, save_tensors, staging_dir
+from pipeline.checkpoints import load_tensors, md5, replace_dir, save_tensors, staging_dir
 from pipeline.merging import MERGERS
 from pipeline.metrics import accuracy
-from pipeline.stage_io import load_prepared
+from pipeline.stage_io import load_model, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import predict_logits
 
-CODE = ["pipeline/merge.py", "pipeline/merging.py", "pipeline/batchnorm.py", "pipeline/models.py",
-        "pipeline/serving.py"]
 
 
 def register(tracker: Tracker, name: str, path, meta: dict, registered_model: str) -> str:
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     with Tracker("merge", "merge", params_file=args.params) as tracker:
         tracker.log_params({"base": base.model_dump(), "merge": cfg.model_dump()})
         inputs = [layout.DATASET, layout.PRETRAINED, *expert_files]
-        tracker.record_inputs(inputs, code=CODE)
+        tracker.record_inputs(inputs)
 
         model, base_meta = load_model(layout.PRETRAINED, device)
         base_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -7,15 +7,14 @@ from __future__ import annotations
 import torch
 
 from pipeline import cli, config, layout
-from pipeline.checkpoints import load_model, md5, save_tensors, write_csv
+from pipeline.checkpoints import md5, save_tensors, write_csv
 from pipeline.metrics import accuracy
 from pipeline.mixers import MIXERS
 from pipeline.progress import Progress
-from pipeline.stage_io import load_manifest, load_prepared
+from pipeline.stage_io import load_model, load_manifest, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import Schedule, fit, predict_logits
 
-CODE = ["pipeline/mix_train.py", "pipeline/mixers.py", "pipeline/training.py", "pipeline/models.py"]
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         tracker.log_params({"base": base.model_dump(), "mix_train": cfg.model_dump(), "shard": args.shard,
                             "shard_size": len(idx)})
         inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED]
-        producers = tracker.record_inputs(inputs, code=CODE)
+        producers = tracker.record_inputs(inputs)
         tracker.log_dataset(f"shard_{args.shard}", layout.MANIFEST, manifest["content_hash"], f"shard_{args.shard}")
 
         model, pre_meta = load_model(layout.PRETRAINED, device)

@@ -17,7 +17,6 @@ from pipeline.datasets import DATASETS, Images
 from pipeline.partition import PARTITIONERS, label_histograms, partition_hash
 from pipeline.tracking import Tracker
 
-CODE = ["pipeline/prepare.py", "pipeline/datasets.py", "pipeline/partition.py"]
 
 
 def split(train: Images, test: Images | None, val_fraction: float, test_fraction: float, seed: int):
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with Tracker("prepare", "prepare", params_file=args.params) as tracker:
         tracker.log_params({"base": base.model_dump(), "prepare": cfg.model_dump()})
-        tracker.record_inputs([], code=CODE)
+        tracker.record_inputs([])
         save_tensors(layout.DATASET, tensors, dataset_meta)
         write_json(layout.MANIFEST, manifest)
         title = f"{cfg.dataset}: {part.method} partition, K={k}, heterogeneity {manifest['heterogeneity']:.3f}"

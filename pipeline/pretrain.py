@@ -20,8 +20,6 @@ from pipeline.stage_io import architecture, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import Schedule, extract_features, fit, predict_logits
 
-CODE = ["pipeline/pretrain.py", "pipeline/models.py", "pipeline/objectives.py", "pipeline/augment.py",
-        "pipeline/training.py"]
 
 
 def linear_probe(model, x, y, num_classes, epochs, g, device) -> list[float]:
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with Tracker("pretrain", "pretrain", params_file=args.params) as tracker:
         tracker.log_params({"base": base.model_dump(), "pretrain": cfg.model_dump()})
-        producers = tracker.record_inputs([layout.DATASET], code=CODE)
+        producers = tracker.record_inputs([layout.DATASET])
         tracker.log_dataset("train", layout.DATASET, md5(layout.DATASET), "training")
 
         model = build(cfg.arch, arch["in_channels"], arch["num_classes"], arch["width"]).to(device)

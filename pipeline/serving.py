@@ -13,7 +13,7 @@ import torch
 
 class MixMergeClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipeline.checkpoints import load_model
+        from pipeline.stage_io import load_model
 
         self.model, meta = load_model(context.artifacts["weights"], "cpu")
         self.model.eval()

@@ -9,6 +9,7 @@ import torch
 
 from pipeline import layout
 from pipeline.checkpoints import load_tensors
+from pipeline.models import build
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,15 @@ def load_prepared(device: torch.device) -> Prepared:
 
 def load_manifest() -> dict[str, Any]:
     return json.loads(layout.MANIFEST.read_text())
+
+
+def load_model(path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint's own metadata and load its weights."""
+    state, meta = load_tensors(path, device)
+    arch = meta["architecture"]
+    model = build(arch["name"], arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
+    model.load_state_dict(state)
+    return model, meta
 
 
 def architecture(arch: str, prepared: Prepared, width: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,6 +40,20 @@ def git_commit(root: Path) -> str:
         return out.stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
+
+
+def loaded_sources(root: Path) -> list[str]:
+    """Project-relative paths of the pipeline modules imported by this process: the code
+    the stage ran, as dvc.yaml lists it in the stage's deps."""
+    out = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith("pipeline.") and path:
+            try:
+                out.append(Path(path).resolve().relative_to(root.resolve()).as_posix())
+            except ValueError:  # imported from outside this project
+                continue
+    return sorted(out)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -162,8 +177,9 @@ class Tracker:
         )
 
     # -- lineage ---------------------------------------------------------------------------
-    def record_inputs(self, files: Iterable[str | Path], code: Iterable[str | Path] = ()) -> dict[str, str]:
-        """Tag each input's md5 and the run that produced it; returns {path: producing run id}."""
+    def record_inputs(self, files: Iterable[str | Path]) -> dict[str, str]:
+        """Tag each input's md5 and the run that produced it, and the md5 of every pipeline
+        source file this process has loaded; returns {path: producing run id}."""
         tags, producers = {}, {}
         for f in files:
             key, digest = str(f), md5(f)
@@ -172,8 +188,8 @@ class Tracker:
             if producer:
                 tags[f"mixmerge.input_run.{key}"] = producer
                 producers[key] = producer
-        for f in code:
-            tags[f"mixmerge.dep.{f}"] = md5(f)
+        for f in loaded_sources(self.root):
+            tags[f"mixmerge.dep.{f}"] = md5(self.root / f)
         if producers:
             tags["mixmerge.input_runs"] = ",".join(sorted(set(producers.values())))
         self._set_tags(tags)

@@ -22,12 +22,6 @@ class Schedule:
     weight_decay: float = 5e-4
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; plain fp32 on CPU (CPU bf16 is slower and changes results)."""
     if device.type == "cuda":

@@ -5,6 +5,7 @@ import torch
 
 from pipeline import checkpoints
 from pipeline.models import SmallCNN
+from pipeline.stage_io import load_model
 
 
 def test_save_load_roundtrip_rebuilds_the_model(tmp_path):
@@ -12,7 +13,7 @@ def test_save_load_roundtrip_rebuilds_the_model(tmp_path):
     meta = {"architecture": {"name": "small_cnn", "in_channels": 1, "num_classes": 10, "width": 4}, "x": [1, 2]}
     path = tmp_path / "m.safetensors"
     checkpoints.save_tensors(path, model.state_dict(), meta)
-    loaded, got_meta = checkpoints.load_model(path)
+    loaded, got_meta = load_model(path)
     assert got_meta == meta
     x = torch.randn(2, 1, 8, 8)
     model.eval(), loaded.eval()

@@ -1,0 +1,40 @@
+"""Print where a pipeline run's results are: the metrics table, the plots, the MLflow UI.
+
+Run: python -m pipeline.report   (after `dvc repro` or the Prefect flow)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from pipeline import layout
+from pipeline.tracking import tracking_uri
+
+
+def main() -> int:
+    if not layout.METRICS.exists():
+        print(f"no results yet: {layout.METRICS} is missing; run `dvc repro` or `python -m flows.pipeline_flow`")
+        return 1
+    rows = list(csv.DictReader(layout.MODELS_CSV.open()))
+    summary = json.loads(layout.METRICS.read_text())["summary"]
+    print(f"\n{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}")
+    for r in rows:
+        print(f"{r['model']:<18}{r['kind']:<12}{float(r['accuracy']):>9.4f}{float(r['nll']):>9.4f}{float(r['ece']):>9.4f}")
+    print(f"\nbest expert {summary['best_expert']} {summary['best_expert_accuracy']:.4f}, "
+          f"ensemble {summary['ensemble_accuracy']:.4f}; merged minus best expert: "
+          + ", ".join(f"{n} {g['vs_best_expert']:+.4f}" for n, g in summary["merge_gap"].items()))
+    uri = tracking_uri(Path("."))
+    print(f"""
+metrics     {layout.METRICS}   (dvc metrics show)
+tables      {layout.MODELS_CSV}, {layout.SHARDS_CSV}, {layout.RELIABILITY_CSV}
+plots       {layout.COMPARISON_PNG}, {layout.RELIABILITY_PNG}, {layout.PARTITION_PNG}
+            dvc plots show   (writes dvc_plots/index.html)
+MLflow UI   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000
+model       mlflow.pyfunc.load_model("models:/mixmerge-merged@best")""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
