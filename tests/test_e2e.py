@@ -149,7 +149,9 @@ def test_registered_model_loads_by_alias_and_unpickles_nothing(mlflow_client, re
     for fn in ("load", "loads"):
         orig = getattr(pickle, fn)
         monkeypatch.setattr(pickle, fn, lambda *a, _o=orig, _n=fn, **k: (calls.append(_n), _o(*a, **k))[1])
-    mlflow.set_tracking_uri(f"sqlite:///{repro_project / 'mlflow.db'}")
+    # Through the environment, restored after the test: mlflow.set_tracking_uri would also set
+    # MLFLOW_TRACKING_URI for the rest of the session, and later flow runs would inherit it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repro_project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"models:/{name}@best")
     digits = load_digits()
     images = (digits.images[:32] / 16.0).astype(np.float32)[:, None]
