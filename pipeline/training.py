@@ -79,20 +79,19 @@ def fit(
 
 
 @torch.no_grad()
+def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        with autocast(x.device):
+            out.append(fn(x[start : start + batch_size]).float())
+    return torch.cat(out)
+
+
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        with autocast(x.device):
-            out.append(model(x[start : start + batch_size]).float())
-    return torch.cat(out)
+    return _in_batches(model, model, x, batch_size)
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        with autocast(x.device):
-            out.append(model.features(x[start : start + batch_size]).float())
-    return torch.cat(out)
+    return _in_batches(model.features, model, x, batch_size)
