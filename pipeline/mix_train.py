@@ -9,16 +9,12 @@ import torch
 from pipeline import cli, config, layout
 from pipeline.checkpoints import md5, save_tensors, write_csv
 from pipeline.metrics import accuracy
-from pipeline.mixers import MIXERS
+from pipeline.mixers import MIXERS, soft_cross_entropy
 from pipeline.progress import Progress
 from pipeline.stage_io import load_model, load_manifest, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import Schedule, fit, predict_logits
 
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * logits.float().log_softmax(1)).sum(1).mean()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,11 @@ Mixer = Callable[[torch.Tensor, torch.Tensor, int, float], tuple[torch.Tensor, t
 MIXERS: Registry[Mixer] = Registry("mixer")
 
 
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft (mixed) targets, averaged over the batch."""
+    return -(target * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
 @MIXERS.register("none")
 def no_mixing(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain empirical risk minimisation: inputs unchanged, one-hot targets."""

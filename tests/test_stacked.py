@@ -1,0 +1,71 @@
+"""Training K experts stacked must give each expert what training it alone gives."""
+import copy
+
+import pytest
+import torch
+
+from pipeline.mixers import MIXERS, soft_cross_entropy
+from pipeline.models import SmallCNN
+from pipeline.stacked import RngStreams, fit_stacked
+from pipeline.training import Schedule, fit
+
+CPU = torch.device("cpu")
+SIZES = [37, 50, 23]  # unequal shards: different steps per epoch and last-batch sizes
+SCHEDULE = Schedule(epochs=3, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def shards():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in SIZES]
+
+
+def one_by_one(init, data, mixer):
+    states, histories = [], []
+    for k, (x, y) in enumerate(data):
+        model = SmallCNN(1, 10, 4)
+        model.load_state_dict(init)
+        model.train()
+        torch.manual_seed(100 + k)  # the expert's mixing stream
+        g = torch.Generator().manual_seed(k)
+
+        def loss_fn(b):
+            xm, ym = MIXERS[mixer](x[b], y[b], 10, 1.0)
+            return soft_cross_entropy(model(xm), ym)
+
+        histories.append(fit(model.parameters(), loss_fn, len(y), SCHEDULE, g, CPU))
+        states.append(copy.deepcopy(model.state_dict()))
+    return states, histories
+
+
+@pytest.mark.parametrize("mixer", ["mixup", "cutmix", "none"])
+def test_stacked_training_matches_training_one_by_one(mixer):
+    torch.manual_seed(0)
+    init = copy.deepcopy(SmallCNN(1, 10, 4).state_dict())
+    data = shards()
+    ref_states, ref_hist = one_by_one(init, data, mixer)
+
+    streams = RngStreams([100 + k for k in range(len(SIZES))])
+    states, hist = fit_stacked(
+        SmallCNN(1, 10, 4), [init] * len(SIZES), data,
+        lambda k, x, y: streams.run(k, MIXERS[mixer], x, y, 10, 1.0),
+        soft_cross_entropy, SCHEDULE, [torch.Generator().manual_seed(k) for k in range(len(SIZES))], CPU,
+    )
+    for k in range(len(SIZES)):
+        assert hist[k] == pytest.approx(ref_hist[k], rel=1e-4, abs=1e-5), k
+        for name, ref in ref_states[k].items():
+            got = states[k][name]
+            assert got.dtype == ref.dtype and got.shape == ref.shape, name
+            assert torch.allclose(got.float(), ref.float(), atol=2e-5, rtol=1e-4), (k, name, (got - ref).abs().max())
+        # and the experts really differ from one another and from the start
+        assert not torch.allclose(states[k]["classifier.weight"], init["classifier.weight"])
+    assert not torch.allclose(states[0]["classifier.weight"], states[1]["classifier.weight"])
+
+
+def test_rng_streams_are_independent_of_the_global_rng():
+    streams = RngStreams([1, 2])
+    torch.manual_seed(123)
+    a = streams.run(0, torch.rand, 3)
+    torch.rand(100)  # global draws in between do not move expert 0's stream
+    b = streams.run(0, torch.rand, 3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.cat([a, b]), torch.rand(6))
