@@ -7,7 +7,7 @@ at once; `dvc repro` would run them one by one and its repository lock forbids t
 processes), then records them with one `dvc commit`. The result is the same outputs and
 dvc.lock as `dvc repro`.
 
-Run: python -m flows.pipeline_flow      (a temporary Prefect server starts if none is set)
+Run: python -m flows.pipeline_flow [--stack-shards]   (a temporary Prefect server starts if none is set)
 """
 from __future__ import annotations
 
@@ -63,6 +63,26 @@ def commit_stages(root: str, names: list[str]) -> None:
     dvc.commit(Path(root), names)
 
 
+SHARD_STAGE = "mix_train@"
+
+
+def stacked_shard_units(units: list[list[dvc.Stage]]) -> list[list[dvc.Stage]]:
+    """Put every stale mix_train shard stage into one unit, run as one stacked process."""
+    shards = [u[0] for u in units if u[0].name.startswith(SHARD_STAGE)]
+    rest = [u for u in units if not u[0].name.startswith(SHARD_STAGE)]
+    return rest + ([shards] if len(shards) > 1 else [[s] for s in shards])
+
+
+def _stacked_name(unit: list[dvc.Stage]) -> str:
+    return SHARD_STAGE + ",".join(s.name.removeprefix(SHARD_STAGE) for s in unit)
+
+
+def _stacked_stage(unit: list[dvc.Stage]) -> dvc.Stage:
+    """One command for several shard stages: `--shard 0 --shard ...` become `--shard 0 1 ...`."""
+    shards = " ".join(s.name.removeprefix(SHARD_STAGE) for s in unit)
+    return dvc.Stage(_stacked_name(unit), f"python -m pipeline.mix_train --shard {shards}")
+
+
 def _start_parent_run(root: Path) -> tuple[object, str]:
     """One MLflow parent run for this flow run; stage runs attach to it as children."""
     from mlflow import MlflowClient
@@ -79,8 +99,14 @@ def _start_parent_run(root: Path) -> tuple[object, str]:
 
 
 @flow(name="mixmerge-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
-def mixmerge_pipeline(project_dir: str = ".") -> dict:
-    """Bring every DVC stage of the project up to date; returns what ran and what was skipped."""
+def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dict:
+    """Bring every DVC stage of the project up to date; returns what ran and what was skipped.
+
+    ``stack_shards``: train all stale mix_train shards in one process, stacked and vmapped,
+    instead of one process each. Faster (no K-fold import and load cost), and equal to the
+    one-by-one result within float tolerance, but not byte for byte: leave it off when the
+    flow must write exactly what `dvc repro` writes.
+    """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     client, parent = _start_parent_run(root)
@@ -91,12 +117,16 @@ def mixmerge_pipeline(project_dir: str = ".") -> dict:
             names = [s.name for s in layer]
             todo = set(stale_stages(root, names))
             skipped += [n for n in names if n not in todo]
-            futures = {s.name: run_stage.submit(str(root), s, env) for s in layer if s.name in todo}
+            units = [[s] for s in layer if s.name in todo]
+            if stack_shards:
+                units = stacked_shard_units(units)
+            futures = {unit[0].name if len(unit) == 1 else _stacked_name(unit): (unit, run_stage.submit(
+                str(root), unit[0] if len(unit) == 1 else _stacked_stage(unit), env)) for unit in units}
             done, failed = [], []
-            for name, fut in futures.items():
+            for name, (unit, fut) in futures.items():
                 fut.wait()
                 if fut.state.is_completed():
-                    done.append(name)
+                    done += [s.name for s in unit]
                     timings[name] = fut.result()
                 else:
                     failed.append(name)
@@ -104,7 +134,7 @@ def mixmerge_pipeline(project_dir: str = ".") -> dict:
                 commit_stages(str(root), done)
                 ran += done
             if failed:
-                futures[failed[0]].result()  # re-raise the first failure
+                futures[failed[0]][1].result()  # re-raise the first failure
             if todo:
                 logger.info(f"ran {sorted(todo)}; up to date: {[n for n in names if n not in todo]}")
     except BaseException:
@@ -115,6 +145,13 @@ def mixmerge_pipeline(project_dir: str = ".") -> dict:
 
 
 if __name__ == "__main__":
-    summary = mixmerge_pipeline()
+    import argparse
+
+    cli = argparse.ArgumentParser(prog="python -m flows.pipeline_flow", description=__doc__.split("\n\n")[0])
+    cli.add_argument("--project-dir", default=".")
+    cli.add_argument("--stack-shards", action="store_true",
+                     help="train all stale shards in one stacked process (equal within float tolerance)")
+    args = cli.parse_args()
+    summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards)
     print(f"ran: {', '.join(summary['ran']) or 'nothing'}; up to date: {', '.join(summary['skipped']) or 'nothing'}")
     sys.exit(0)

@@ -10,7 +10,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.dvc_commands import Stage
 from flows.pipeline_flow import StageConfigError, mixmerge_pipeline, run_stage
-from tests.conftest import TINY, make_project
+from tests.conftest import TINY, make_project, run
 
 K = len(TINY["base.shards"])
 ALL = ["prepare", "pretrain", *(f"mix_train@{k}" for k in range(K)), "merge", "evaluate"]
@@ -73,6 +73,23 @@ def test_flow_reruns_only_what_a_param_change_touches(flow_project):
     assert "ties" in meta["test"]
 
 
+def test_stacked_shards_run_as_one_process_and_are_committed(flow_project):
+    root, _ = flow_project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["mix_train"]["lr"] = 0.03
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    summary = mixmerge_pipeline(project_dir=str(root), stack_shards=True)
+    assert summary["ran"] == [*(f"mix_train@{k}" for k in range(K)), "merge", "evaluate"]
+    assert list(summary["timings"])[:1] == ["mix_train@" + ",".join(str(k) for k in range(K))], "one process"
+    status = run([sys.executable, "-m", "dvc", "status", "--json"], root)
+    assert json.loads(status.stdout) == {}, "dvc commit recorded every shard stage"
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mixmerge")
+    stacked = client.search_runs([exp.experiment_id], f"params.stacked_with = '{K}'")
+    assert sorted(r.data.params["shard"] for r in stacked) == [str(k) for k in range(K)]
+    assert {r.data.tags["mlflow.parentRunId"] for r in stacked} == {summary["mlflow_parent_run"]}
+
+
 @flow
 def _one_stage(root: str, stage: Stage):
     return run_stage(root, stage, {})
@@ -97,8 +114,6 @@ def test_deployment_is_scheduled_and_a_process_worker_runs_it(flow_project):
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
-
-    from tests.conftest import run
 
     root, _ = flow_project
     env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "PWD": str(root)}
