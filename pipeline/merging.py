@@ -27,14 +27,11 @@ Scale = Annotated[float, Field(gt=0)]
 
 
 def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
-    if not experts:
-        raise ValueError("nothing to merge: no experts given")
-    keys = list(experts[0])
-    for i, e in enumerate(experts[1:], 1):
-        if list(e) != keys:
-            raise ValueError(f"expert {i} has different tensors than expert 0")
+    """Apply ``combine(key, (K, *shape) stack)`` one tensor at a time (for merges that need
+    all K values of a parameter at once, like TIES's sign election)."""
+    _check_same_keys(experts)
     out: StateDict = {}
-    for key in keys:
+    for key in experts[0]:
         first = experts[0][key]
         if not first.is_floating_point():
             out[key] = first.clone()
@@ -44,9 +41,28 @@ def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor],
     return out
 
 
-def _weighted_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    w = weights.to(stacked.device, torch.float32).view(-1, *([1] * (stacked.ndim - 1)))
-    return (w * stacked).sum(0)
+def _weighted_sum(experts: list[StateDict], weights: list[float]) -> StateDict:
+    """sum_k w_k * expert_k, accumulated in place tensor by tensor: each expert tensor is
+    read once and nothing of size K x tensor is ever built (memory-bound, no stacking)."""
+    out: StateDict = {}
+    for key, first in experts[0].items():
+        if not first.is_floating_point():
+            out[key] = first.clone()
+            continue
+        acc = first.float() * weights[0]
+        for e, w in zip(experts[1:], weights[1:]):
+            acc.add_(e[key], alpha=w)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def _check_same_keys(experts: list[StateDict]) -> None:
+    if not experts:
+        raise ValueError("nothing to merge: no experts given")
+    keys = list(experts[0])
+    for i, e in enumerate(experts[1:], 1):
+        if list(e) != keys:
+            raise ValueError(f"expert {i} has different tensors than expert 0")
 
 
 def _is_running_stat(key: str) -> bool:
@@ -63,7 +79,8 @@ def uniform(experts: list[StateDict], base: StateDict | None, weights: torch.Ten
 def fedavg(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor) -> StateDict:
     """FedAvg's aggregation: average weighted by each client's number of samples
     (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data")."""
-    return _per_tensor(experts, lambda _, s: _weighted_mean(s, weights))
+    _check_same_keys(experts)
+    return _weighted_sum(experts, [float(w) for w in weights])
 
 
 def _task_vector_merge(
@@ -95,13 +112,15 @@ def ties_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1)
     keep = max(1, int(round(density * flat.shape[1])))
-    # Trim: keep each task vector's top-`density` entries by magnitude, zero the rest.
-    threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
-    trimmed = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
+    magnitude = flat.abs()
+    # Trim: keep each task vector's top-`density` entries by magnitude, zero the rest
+    # (the threshold is the smallest of the kept magnitudes; topk beats kthvalue here).
+    threshold = magnitude.topk(keep, dim=1, sorted=False).values.amin(1, keepdim=True)
+    trimmed = flat * (magnitude >= threshold)
     # Elect: the sign with the larger total magnitude per parameter.
     sign = torch.sign(trimmed.sum(0))
-    # Disjoint mean: average only the entries that agree with the elected sign.
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    # Disjoint mean: average only the (non-zero) entries that agree with the elected sign.
+    agree = trimmed * sign > 0
     merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
     return merged.reshape(deltas.shape[1:])
 

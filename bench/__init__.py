@@ -1,0 +1,1 @@
+"""Speed benchmarks: `python -m bench` prints a table and writes bench-results/bench.json."""

@@ -1,0 +1,245 @@
+"""Speed benchmarks. Every figure is a ratio against a baseline timed side by side in the same
+process, after a warm-up, best of `--repeats`. Prints a table and writes JSON.
+
+    python -m bench                     # all rows on the default device (CUDA if present)
+    python -m bench --only merge mlflow # some rows
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.augment import random_affine
+from pipeline.merging import MERGERS
+from pipeline.mixers import MIXERS, soft_cross_entropy
+from pipeline.models import build
+from pipeline.stacked import RngStreams, fit_stacked
+from pipeline.training import Schedule, autocast, batches, fit
+
+
+def best_of(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: allocations, kernels, caches
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def row(name, baseline, candidate, b_time, c_time, target, unit="s", note=""):
+    return {"row": name, "baseline": baseline, "candidate": candidate, "baseline_value": b_time,
+            "candidate_value": c_time, "unit": unit, "ratio": b_time / c_time, "target": target, "note": note}
+
+
+def bench_experts(device, repeats, k=8, n=256, epochs=2, width=16, batch_size=64):
+    """K experts fine-tuned together (stacked, vmapped) vs one after another, same process."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(n, 1, 8, 8, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device))
+            for _ in range(k)]
+    init = copy.deepcopy(build("small_cnn", 1, 10, width).state_dict())
+    schedule = Schedule(epochs, batch_size, 0.02)
+    mix = MIXERS["mixup"]
+
+    def one_by_one():
+        for i, (x, y) in enumerate(data):
+            model = build("small_cnn", 1, 10, width).to(device)
+            model.load_state_dict(init)
+            model.train()
+            fit(model.parameters(), lambda b: _mixed_loss(model, mix, x[b], y[b]), n, schedule,
+                torch.Generator(device).manual_seed(i), device)
+
+    def stacked():
+        streams = RngStreams(list(range(k)))
+        fit_stacked(build("small_cnn", 1, 10, width), [init] * k, data,
+                    lambda i, x, y: streams.run(i, mix, x, y, 10, 1.0), soft_cross_entropy, schedule,
+                    [torch.Generator(device).manual_seed(i) for i in range(k)], device)
+
+    t_seq, t_stk = best_of(one_by_one, repeats, device), best_of(stacked, repeats, device)
+    target = ">= 3x on a GPU" if device.type == "cuda" else ">= 1x (no slower) on CPU"
+    return row(f"K={k} experts trained", "one after another", "stacked (vmap)", t_seq, t_stk, target,
+               note=f"small_cnn width {width}, {n} samples/expert, batch {batch_size}, {epochs} epochs, mixup")
+
+
+def _mixed_loss(model, mix, x, y):
+    xm, ym = mix(x, y, 10, 1.0)
+    return soft_cross_entropy(model(xm), ym)
+
+
+def bench_data_path(device, repeats, n=4096, batch_size=256, width=8):
+    """Device-resident tensors + batched augmentation vs DataLoader + per-sample torchvision
+    transforms, same model, batch size and augmentation family (random affine)."""
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
+
+    g = torch.Generator().manual_seed(0)
+    x_cpu = torch.rand(n, 3, 32, 32, generator=g)
+    y_cpu = torch.randint(0, 10, (n,), generator=g)
+    model = build("small_cnn", 3, 10, width).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step(xb, yb):
+        with autocast(device):
+            loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    class Augmented(Dataset):
+        transform = v2.RandomAffine(degrees=10, translate=(0.125, 0.125), scale=(0.9, 1.1))
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return self.transform(x_cpu[i]), y_cpu[i]
+
+    loader = DataLoader(Augmented(), batch_size=batch_size, shuffle=True, drop_last=True)
+
+    def dataloader_epoch():
+        for xb, yb in loader:
+            step(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+
+    x_dev, y_dev = x_cpu.to(device), y_cpu.to(device)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def resident_epoch():
+        for idx in batches(n, batch_size, gen, device):
+            if len(idx) == batch_size:
+                step(random_affine(x_dev[idx], gen), y_dev[idx])
+
+    t_dl, t_res = best_of(dataloader_epoch, repeats, device), best_of(resident_epoch, repeats, device)
+    target = ">= 5x on a GPU" if device.type == "cuda" else ">= 1.5x on CPU"
+    return row("training images/s", "DataLoader + v2.RandomAffine", "device tensors + batched affine",
+               n / t_dl, n / t_res, target, unit="img/s",
+               note=f"small_cnn width {width}, 32x32x3, batch {batch_size}") | {"ratio": (n / t_res) / (n / t_dl)}
+
+
+def copy_bandwidth(device, repeats, mib=512) -> float:
+    """Measured memory-copy bandwidth in bytes/s (read + write)."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = best_of(lambda: dst.copy_(src), repeats, device)
+    return 2 * src.numel() * 4 / t
+
+
+def bench_merge(device, repeats, k=8):
+    """TIES vs a plain average of the same K ResNet-18 checkpoints, and the share of the
+    machine's copy bandwidth each achieves (bytes read + written / time)."""
+    torch.manual_seed(0)
+    base = {n: t.to(device) for n, t in build("resnet18_cifar", 3, 10, 64).state_dict().items()}
+    experts = [{n: t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t for n, t in base.items()}
+               for _ in range(k)]
+    weights = torch.full((k,), 1.0 / k)
+    model_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    t_avg = best_of(lambda: MERGERS["uniform"](experts, base, weights), repeats, device)
+    t_ties = best_of(lambda: MERGERS["ties"](experts, base, weights, density=0.2), repeats, device)
+    bw = copy_bandwidth(device, repeats)
+    moved = (k + 1) * model_bytes  # K experts read, one model written (TIES also reads the base)
+    out = row(f"merge K={k} ResNet-18", "uniform average", "TIES (density 0.2)", t_avg, t_ties,
+              "TIES <= 3x the average; >= 10% of copy bandwidth",
+              note=f"{model_bytes / 2**20:.0f} MiB per model; copy bandwidth {bw / 1e9:.1f} GB/s; "
+                   f"average at {moved / t_avg / bw:.0%}, TIES at {(moved + model_bytes) / t_ties / bw:.0%} of it")
+    out["ties_over_average"] = t_ties / t_avg
+    out["bandwidth_share_average"] = moved / t_avg / bw
+    out["bandwidth_share_ties"] = (moved + model_bytes) / t_ties / bw
+    return out
+
+
+def bench_mlflow(device, repeats, steps=300):
+    """Per-epoch metrics sent in one log_batch vs one log_metric call per step (SQLite store)."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        client = MlflowClient(f"sqlite:///{tmp}/bench.db")
+        exp = client.create_experiment("bench")
+
+        def per_step():
+            run = client.create_run(exp).info.run_id
+            for s in range(steps):
+                client.log_metric(run, "loss", 1.0 / (s + 1), step=s)
+
+        def batched():
+            run = client.create_run(exp).info.run_id
+            now = int(time.time() * 1000)
+            client.log_batch(run, metrics=[Metric("loss", 1.0 / (s + 1), now, s) for s in range(steps)])
+
+        t_step, t_batch = best_of(per_step, repeats, torch.device("cpu")), best_of(batched, repeats, torch.device("cpu"))
+    return row(f"log {steps} step metrics to MLflow", "one call per step", "one log_batch", t_step, t_batch,
+               ">= 10x less logging time")
+
+
+def bench_dvc(device, repeats):
+    """`dvc repro` on this (up-to-date) project vs `dvc --version`."""
+    dvc = [sys.executable, "-m", "dvc"]
+    status = subprocess.run(dvc + ["status", "--json"], capture_output=True, text=True)
+    if status.returncode != 0 or json.loads(status.stdout or "{}"):
+        return {"row": "dvc repro, up to date", "skipped": "the pipeline is not up to date: run `dvc repro` first"}
+    cpu = torch.device("cpu")
+    t_ver = best_of(lambda: subprocess.run(dvc + ["--version"], capture_output=True, check=True), repeats, cpu)
+    t_repro = best_of(lambda: subprocess.run(dvc + ["repro"], capture_output=True, check=True), repeats, cpu)
+    return row("dvc repro, up to date", "dvc --version", "dvc repro", t_ver, t_repro, "repro <= 3x --version",
+               note="ratio here is --version / repro") | {"repro_over_version": t_repro / t_ver}
+
+
+ROWS = {"experts": bench_experts, "data": bench_data_path, "merge": bench_merge, "mlflow": bench_mlflow,
+        "dvc": bench_dvc}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=sorted(ROWS), help="rows to run (default: all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="bench-results/bench.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          args.device if args.device != "auto" else "cpu")
+    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    results = []
+    for name in args.only or list(ROWS):
+        print(f"... {name}", file=sys.stderr, flush=True)
+        results.append(ROWS[name](device, args.repeats))
+    print(f"\nmachine: {machine}\n")
+    print(f"{'row':<28}{'baseline':<30}{'candidate':<32}{'ratio':>7}  target")
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['row']:<28}skipped: {r['skipped']}")
+            continue
+        print(f"{r['row']:<28}{r['baseline']:<30}{r['candidate']:<32}{r['ratio']:>6.2f}x  {r['target']}")
+        if r.get("note"):
+            print(f"{'':<28}{r['note']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "rows": results}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
