@@ -203,8 +203,87 @@ def bench_dvc(device, repeats):
                note="ratio here is --version / repro") | {"repro_over_version": t_repro / t_ver}
 
 
+def bench_flow(device, repeats):
+    """The Prefect flow vs the same stage commands run directly, one after another, on a tiny
+    config with K=1 (so the flow gains nothing from concurrency). The temporary Prefect
+    server's start is timed apart, with a trivial flow before the measured one."""
+    import os
+
+    from prefect import flow
+
+    from bench.workspace import make_project
+    from flows.dvc_commands import layers, stage_env
+    from flows.pipeline_flow import mixmerge_pipeline
+
+    tiny = {"base.shards": [0], "pretrain.epochs": 2, "pretrain.width": 8, "mix_train.epochs": 2,
+            "prepare.partition.method": "iid"}
+    with tempfile.TemporaryDirectory() as tmp:
+        direct_root = make_project(Path(tmp) / "direct", tiny)
+        flow_root = make_project(Path(tmp) / "flow", tiny)
+        stages = [s for layer in layers(direct_root) for s in layer]
+        env = {k: v for k, v in stage_env().items() if k != "MLFLOW_TRACKING_URI"}
+        start = time.perf_counter()
+        for s in stages:
+            subprocess.run(s.cmd, shell=True, cwd=direct_root, env=env, check=True, capture_output=True)
+        t_direct = time.perf_counter() - start
+
+        @flow
+        def hello():
+            return 1
+
+        start = time.perf_counter()
+        hello()
+        t_server = time.perf_counter() - start
+        saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+        try:
+            start = time.perf_counter()
+            mixmerge_pipeline(project_dir=str(flow_root))
+            t_flow = time.perf_counter() - start
+        finally:
+            if saved is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+    per_stage = (t_flow - t_direct) / len(stages)
+    out = row(f"{len(stages)} stages, tiny config", "stage commands run directly", "Prefect flow",
+              t_direct, t_flow, "adds <= max(10%, 0.5 s) per stage",
+              note=f"flow adds {per_stage:+.2f} s per stage ({t_flow / t_direct - 1:+.0%}); "
+                   f"temporary server start {t_server:.1f} s, not included")
+    out.update({"overhead_per_stage_s": per_stage, "server_start_s": t_server})
+    return out
+
+
+def bench_gpu_utilisation(device, repeats, k=8, batch_size=512, width=64):
+    """Achieved FLOP/s during stacked mix_train steps, as a share of the GPU's bf16 peak."""
+    if device.type != "cuda":
+        return {"row": "mix_train FLOP/s share of peak", "skipped": "no CUDA device here: run on a GPU machine"}
+    from torch.utils.flop_counter import FlopCounterMode
+
+    peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense bf16, vendor figures
+    name = torch.cuda.get_device_name()
+    peak = next((v for key, v in peaks.items() if key in name), None)
+    n = batch_size * 4
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device))
+            for _ in range(k)]
+    init = copy.deepcopy(build("small_cnn", 3, 10, width).state_dict())
+    streams = RngStreams(list(range(k)))
+
+    def epoch():
+        fit_stacked(build("small_cnn", 3, 10, width), [init] * k, data,
+                    lambda i, x, y: streams.run(i, MIXERS["mixup"], x, y, 10, 1.0), soft_cross_entropy,
+                    Schedule(1, batch_size, 0.02), [torch.Generator(device).manual_seed(i) for i in range(k)], device)
+
+    with FlopCounterMode(display=False) as counter:
+        epoch()
+    t = best_of(epoch, repeats, device)
+    achieved = counter.get_total_flops() / t
+    return {"row": "mix_train FLOP/s share of peak", "baseline": f"{name} bf16 peak", "candidate": "stacked epoch",
+            "baseline_value": peak, "candidate_value": achieved, "unit": "FLOP/s",
+            "ratio": achieved / peak if peak else float("nan"), "target": ">= 20% of peak",
+            "note": f"{achieved / 1e12:.1f} TFLOP/s, K={k}, small_cnn width {width}, batch {batch_size}"}
+
+
 ROWS = {"experts": bench_experts, "data": bench_data_path, "merge": bench_merge, "mlflow": bench_mlflow,
-        "dvc": bench_dvc}
+        "dvc": bench_dvc, "flow": bench_flow, "gpu": bench_gpu_utilisation}
 
 
 def main() -> int:

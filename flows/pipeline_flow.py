@@ -2,9 +2,9 @@
 
 DVC owns the DAG and the cache, Prefect the scheduling, concurrency and retries, MLflow the
 record. For each generation of DVC's stage graph the flow asks `dvc status` which stages
-are stale, runs their commands concurrently as Prefect tasks (the K mix_train shards run
+are stale and runs their commands concurrently as Prefect tasks (the K mix_train shards run
 at once; `dvc repro` would run them one by one and its repository lock forbids two repro
-processes), then records them with one `dvc commit`. The result is the same outputs and
+processes). At the end one `dvc commit` records every stage that ran. The result is the same outputs and
 dvc.lock as `dvc repro`.
 
 Run: python -m flows.pipeline_flow [--stack-shards]   (a temporary Prefect server starts if none is set)
@@ -73,14 +73,10 @@ def stacked_shard_units(units: list[list[dvc.Stage]]) -> list[list[dvc.Stage]]:
     return rest + ([shards] if len(shards) > 1 else [[s] for s in shards])
 
 
-def _stacked_name(unit: list[dvc.Stage]) -> str:
-    return SHARD_STAGE + ",".join(s.name.removeprefix(SHARD_STAGE) for s in unit)
-
-
 def _stacked_stage(unit: list[dvc.Stage]) -> dvc.Stage:
-    """One command for several shard stages: `--shard 0 --shard ...` become `--shard 0 1 ...`."""
-    shards = " ".join(s.name.removeprefix(SHARD_STAGE) for s in unit)
-    return dvc.Stage(_stacked_name(unit), f"python -m pipeline.mix_train --shard {shards}")
+    """One command for several shard stages (mix_train@0, @1, ... -> --shard 0 1 ...)."""
+    shards = [s.name.removeprefix(SHARD_STAGE) for s in unit]
+    return dvc.Stage(SHARD_STAGE + ",".join(shards), f"python -m pipeline.mix_train --shard {' '.join(shards)}")
 
 
 def _start_parent_run(root: Path) -> tuple[object, str]:
@@ -112,6 +108,7 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
     client, parent = _start_parent_run(root)
     env = {"MIXMERGE_PARENT_RUN_ID": parent}
     ran, skipped, timings = [], [], {}
+    failed_run = True
     try:
         for layer in dvc.layers(root):
             names = [s.name for s in layer]
@@ -120,27 +117,31 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
             units = [[s] for s in layer if s.name in todo]
             if stack_shards:
                 units = stacked_shard_units(units)
-            futures = {unit[0].name if len(unit) == 1 else _stacked_name(unit): (unit, run_stage.submit(
-                str(root), unit[0] if len(unit) == 1 else _stacked_stage(unit), env)) for unit in units}
-            done, failed = [], []
+            futures = {}
+            for unit in units:
+                command = unit[0] if len(unit) == 1 else _stacked_stage(unit)
+                futures[command.name] = (unit, run_stage.submit(str(root), command, env))
+            failed = []
             for name, (unit, fut) in futures.items():
                 fut.wait()
                 if fut.state.is_completed():
-                    done += [s.name for s in unit]
+                    ran += [s.name for s in unit]
                     timings[name] = fut.result()
                 else:
                     failed.append(name)
-            if done:  # keep finished work even when a sibling failed
-                commit_stages(str(root), done)
-                ran += done
             if failed:
                 futures[failed[0]][1].result()  # re-raise the first failure
             if todo:
                 logger.info(f"ran {sorted(todo)}; up to date: {[n for n in names if n not in todo]}")
-    except BaseException:
-        client.set_terminated(parent, "FAILED")
-        raise
-    client.set_terminated(parent, "FINISHED")
+        failed_run = False
+    finally:
+        # One `dvc commit` for every stage that ran, also when a later one failed, so no
+        # finished work goes unrecorded. Committing once at the end rather than per layer
+        # is safe: `dvc status` of a stage compares its deps' files with its own lock
+        # entry, never with its upstream stages' entries.
+        if ran:
+            commit_stages(str(root), ran)
+        client.set_terminated(parent, "FAILED" if failed_run else "FINISHED")
     return {"ran": ran, "skipped": skipped, "timings": timings, "mlflow_parent_run": parent}
 
 
