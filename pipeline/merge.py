@@ -7,6 +7,9 @@ as a pyfunc model (from code, weights as a safetensors artifact) and registered 
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
+
 import torch
 
 from pipeline import cli, config, layout
@@ -59,6 +62,16 @@ def register(tracker: Tracker, name: str, path, meta: dict, registered_model: st
     return version
 
 
+def check_mergers_accept(cfg, k: int) -> None:
+    """Refuse, before any computation, a merger that cannot take K experts (slerp needs 2):
+    a dry run on K empty state dicts exercises only the mergers' argument checks."""
+    for name, spec in cfg.mergers.items():
+        try:
+            MERGERS[spec.method]([{} for _ in range(k)], {}, torch.full((k,), 1.0 / k), **spec.options)
+        except ValueError as e:
+            raise config.ConfigError(f"merge.mergers.{name} ({spec.method}) with {k} experts: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = cli.parser("merge").parse_args(argv)
     base, cfg = config.load("merge", args.params)
@@ -68,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(f) for f in expert_files if not f.exists()]
     if missing:
         raise config.ConfigError(f"base.shards = {base.shards}: expert checkpoints missing: {', '.join(missing)}")
+    check_mergers_accept(cfg, len(expert_files))
 
-    with Tracker("merge", "merge", params_file=args.params) as tracker:
+    with Tracker("merge", "merge", params_file=args.params) as tracker, contextlib.ExitStack() as stack:
         tracker.log_params({"base": base.model_dump(), "merge": cfg.model_dump()})
         inputs = [layout.DATASET, layout.PRETRAINED, *expert_files]
         tracker.record_inputs(inputs)
@@ -83,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
         staged = staging_dir(layout.MERGED)
         val_acc, recal = {}, cfg.bn_recalibration and has_batchnorm(model)
+        stack.callback(shutil.rmtree, staged, ignore_errors=True)  # gone if anything below fails
         for name, spec in cfg.mergers.items():
             merged = MERGERS[spec.method](experts, base_state, weights, **spec.options)
             model.load_state_dict(merged)

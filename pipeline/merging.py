@@ -12,6 +12,7 @@ merging (see pipeline.batchnorm).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Callable
 
 import torch
@@ -139,3 +140,146 @@ def ties(
     agreeing entries, add ``scale`` times the result to the base. Trimming is per tensor
     (as mergekit does), not over the whole flattened model as in the paper."""
     return _task_vector_merge(experts, base, lambda deltas: scale * ties_combine(deltas, density))
+
+
+def _tensor_generator(seed: int, key: str, device: torch.device) -> torch.Generator:
+    """A generator per (seed, tensor name): the same drop mask whatever order tensors come in."""
+    digest = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
+    return torch.Generator(device=device).manual_seed(digest)
+
+
+def dare_drop(deltas: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
+    """DARE on (K, *shape) task vectors: keep each entry with probability ``density``,
+    rescale the kept ones by 1 / density (so the expected task vector is unchanged)."""
+    keep = torch.rand(deltas.shape, generator=g, device=deltas.device) < density
+    return deltas * keep / density
+
+
+def _task_vector_merge_keyed(
+    experts: list[StateDict], base: StateDict | None, combine_deltas: Callable[[str, torch.Tensor], torch.Tensor]
+) -> StateDict:
+    """Like _task_vector_merge, for combines that need the tensor's name (seeded masks)."""
+    if base is None:
+        raise ValueError("this merger needs the pretrained base model")
+
+    def combine(key: str, stacked: torch.Tensor) -> torch.Tensor:
+        if _is_running_stat(key):
+            return stacked.mean(0)
+        theta0 = base[key].float()
+        return theta0 + combine_deltas(key, stacked - theta0)
+
+    return _per_tensor(experts, combine)
+
+
+@MERGERS.register("dare")
+def dare(
+    experts: list[StateDict],
+    base: StateDict | None,
+    weights: torch.Tensor,
+    *,
+    density: Fraction = 0.5,
+    scale: Scale = 0.5,
+    seed: int = 0,
+) -> StateDict:
+    """DARE (drop and rescale) then task arithmetic: Yu et al. 2024, "Language Models are
+    Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch". Each task-vector
+    entry is dropped with probability 1 - density and the survivors are scaled by 1/density."""
+    return _task_vector_merge_keyed(
+        experts, base,
+        lambda key, d: scale * dare_drop(d, density, _tensor_generator(seed, key, d.device)).sum(0))
+
+
+@MERGERS.register("dare_ties")
+def dare_ties(
+    experts: list[StateDict],
+    base: StateDict | None,
+    weights: torch.Tensor,
+    *,
+    density: Fraction = 0.5,
+    scale: Scale = 1.0,
+    seed: int = 0,
+) -> StateDict:
+    """DARE-TIES: DARE's random drop-and-rescale in place of TIES's magnitude trim, then TIES's
+    sign election and disjoint mean (Yu et al. 2024, with Yadav et al. 2023)."""
+
+    def combine(key: str, d: torch.Tensor) -> torch.Tensor:
+        dropped = dare_drop(d, density, _tensor_generator(seed, key, d.device))
+        return scale * ties_combine(dropped, density=1.0)  # nothing left to trim
+
+    return _task_vector_merge_keyed(experts, base, combine)
+
+
+def breadcrumbs_mask(deltas: torch.Tensor, density: float, outliers: float) -> torch.Tensor:
+    """Per task vector (row of (K, n)): drop the top ``outliers`` fraction by magnitude and
+    keep the next ``density`` fraction; everything smaller is dropped too."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1)
+    n = flat.shape[1]
+    order = flat.abs().argsort(dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=flat.device).expand(k, n))
+    top, keep = int(round(outliers * n)), max(1, int(round(density * n)))
+    return ((rank >= top) & (rank < top + keep)).reshape(deltas.shape)
+
+
+@MERGERS.register("breadcrumbs")
+def breadcrumbs(
+    experts: list[StateDict],
+    base: StateDict | None,
+    weights: torch.Tensor,
+    *,
+    density: Fraction = 0.9,
+    outliers: Annotated[float, Field(ge=0, lt=1)] = 0.01,
+    scale: Scale = 0.5,
+) -> StateDict:
+    """Model Breadcrumbs: Davari & Belilovsky 2023, "Model Breadcrumbs: Scaling Multi-Task
+    Model Merging with Sparse Masks". Each task vector, per tensor, loses its largest-magnitude
+    ``outliers`` fraction and everything below the next ``density`` fraction; the masked task
+    vectors are added to the base with ``scale``."""
+    return _task_vector_merge(
+        experts, base, lambda d: scale * (d * breadcrumbs_mask(d, density, outliers)).sum(0))
+
+
+@MERGERS.register("model_stock")
+def model_stock(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor) -> StateDict:
+    """Model Stock: Jang, Yun & Han 2024, "Model Stock: All we need is just a few fine-tuned
+    models". Per tensor, with cos = the mean pairwise cosine between the K task vectors,
+    t = K cos / (1 + (K - 1) cos), and the merge is t * mean(experts) + (1 - t) * base."""
+    k = len(experts)
+    if k < 2:
+        raise ValueError("model_stock needs at least 2 experts")
+
+    def combine(deltas: torch.Tensor) -> torch.Tensor:
+        flat = torch.nn.functional.normalize(deltas.reshape(k, -1), dim=1)
+        gram = flat @ flat.T
+        cos = ((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))).clamp(min=0.0)
+        t = k * cos / (1 + (k - 1) * cos)
+        return t * deltas.mean(0)  # base + t * (mean - base)
+
+    return _task_vector_merge(experts, base, combine)
+
+
+@MERGERS.register("slerp")
+def slerp(
+    experts: list[StateDict], base: StateDict | None, weights: torch.Tensor, *, t: Fraction = 0.5
+) -> StateDict:
+    """Spherical linear interpolation of two models, per tensor (Shoemake 1985, as used for
+    model merging by mergekit): t = 0 gives the first expert, t = 1 the second. Falls back to
+    linear interpolation when the two tensors are (anti)parallel or zero."""
+    if len(experts) != 2:
+        raise ValueError(f"slerp merges exactly 2 experts, got {len(experts)}")
+
+    def combine(key: str, stacked: torch.Tensor) -> torch.Tensor:
+        a, b = stacked[0], stacked[1]
+        if _is_running_stat(key):
+            return (1 - t) * a + t * b
+        na, nb = a.norm(), b.norm()
+        if na == 0 or nb == 0:
+            return (1 - t) * a + t * b
+        cos = ((a.flatten() @ b.flatten()) / (na * nb)).clamp(-1.0, 1.0)
+        omega = torch.arccos(cos)
+        if omega.abs() < 1e-4 or (torch.pi - omega).abs() < 1e-4:
+            return (1 - t) * a + t * b
+        return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+    return _per_tensor(experts, combine)

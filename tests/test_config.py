@@ -35,7 +35,7 @@ def test_default_params_are_valid(tmp_path):
         ("pretrain", "pretrain.arch", "vit", "unknown architecture 'vit'"),
         ("prepare", "prepare.partition.alpha", 0, "prepare.partition.alpha = 0: Input should be greater than 0"),
         ("prepare", "prepare.partition.alpha", -1.5, "prepare.partition.alpha = -1.5"),
-        ("prepare", "prepare.partition.method", "zipf", "unknown partitioner 'zipf'; allowed: dirichlet, iid, pathological"),
+        ("prepare", "prepare.partition.method", "zipf", "unknown partitioner 'zipf'; allowed: dirichlet, iid, pathological, quantity_skew"),
         ("prepare", "prepare.partition.beta", 1, "unknown key prepare.partition.beta; allowed: method, alpha"),
         ("prepare", "prepare.dataset", "imagenet", "unknown dataset 'imagenet'"),
         ("prepare", "prepare.val_fraction", 0.7, "prepare.val_fraction = 0.7: Input should be less than 0.5"),
@@ -44,7 +44,7 @@ def test_default_params_are_valid(tmp_path):
         ("prepare", "base.device", "tpu", "base.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
         ("merge", "merge.mergers.ties.density", 1.5, "ties.density = 1.5: Input should be less than or equal to 1"),
         ("merge", "merge.mergers.ties.sharpness", 2, "ties.sharpness = 2: Extra inputs are not permitted (options of ties: density, scale)"),
-        ("merge", "merge.mergers.mine", {"method": "magic"}, "mine.method = 'magic': allowed: fedavg, task_arithmetic, ties, uniform"),
+        ("merge", "merge.mergers.mine", {"method": "magic"}, "mine.method = 'magic': allowed: breadcrumbs, dare, dare_ties, fedavg, model_stock, slerp, task_arithmetic, ties, uniform"),
         ("merge", "merge.mergers.avg2", {"method": "uniform", "scale": 2}, "avg2.scale = 2: Extra inputs are not permitted (options of uniform: no options)"),
     ],
 )
@@ -117,3 +117,12 @@ def test_pathological_that_cannot_cover_the_classes_exits_2(tmp_path):
     out = write_outputs(tmp_path)
     proc = run([sys.executable, "-m", "pipeline.prepare"], tmp_path)
     assert_refused(proc, tmp_path, out, "cannot cover 10 classes")
+
+
+def test_a_merger_that_cannot_take_k_experts_is_refused_before_merging(tmp_path):
+    from pipeline.merge import check_mergers_accept
+
+    _, cfg = load_with(tmp_path, "merge", "merge.mergers.pair", {"method": "slerp", "t": 0.3})
+    with pytest.raises(config.ConfigError, match=r"merge.mergers.pair \(slerp\) with 4 experts: slerp merges exactly 2"):
+        check_mergers_accept(cfg, 4)
+    check_mergers_accept(cfg.model_copy(update={"mergers": {"pair": cfg.mergers["pair"]}}), 2)  # accepted

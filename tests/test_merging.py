@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from pipeline.merging import MERGERS, ties_combine
+from pipeline.merging import MERGERS, breadcrumbs_mask, dare_drop, ties_combine
 from pipeline.models import SmallCNN
 
 
@@ -15,15 +15,23 @@ def state(seed):
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
 
 
+# options under which merging K copies of one model must give that model back
+IDENTITY_OPTIONS = {
+    "task_arithmetic": {"scale": 1 / 3},
+    "ties": {"density": 1.0, "scale": 1.0},
+    "dare": {"density": 1.0, "scale": 1 / 3},
+    "dare_ties": {"density": 1.0, "scale": 1.0},
+    "breadcrumbs": {"density": 1.0, "outliers": 0.0, "scale": 1 / 3},
+}
+
+
 @pytest.mark.parametrize("method", MERGERS.names())
 def test_merging_identical_models_returns_that_model(method):
     base = state(0)
     expert = state(1)
-    experts = [copy.deepcopy(expert) for _ in range(3)]
-    opts = {"scale": 1 / 3} if method == "task_arithmetic" else {"scale": 1.0} if method == "ties" else {}
-    if method == "ties":
-        opts["density"] = 1.0
-    merged = MERGERS[method](experts, base, WEIGHTS, **opts)
+    k = 2 if method == "slerp" else 3
+    experts = [copy.deepcopy(expert) for _ in range(k)]
+    merged = MERGERS[method](experts, base, WEIGHTS[:k] / WEIGHTS[:k].sum(), **IDENTITY_OPTIONS.get(method, {}))
     for k, v in expert.items():
         assert torch.allclose(merged[k].float(), v.float(), atol=1e-6), k
         assert merged[k].dtype == v.dtype
@@ -76,3 +84,56 @@ def test_ties_worked_example():
 def test_mergers_refuse_mismatched_experts():
     with pytest.raises(ValueError, match="different tensors"):
         MERGERS["uniform"]([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], None, torch.tensor([0.5, 0.5]))
+
+
+def deltas_of(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_dare_keeps_a_density_fraction_rescaled_and_is_unbiased():
+    d = torch.randn(2, 100_000)
+    out = dare_drop(d, 0.3, torch.Generator().manual_seed(0))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
+    assert torch.allclose(out[kept], d[kept] / 0.3)
+    assert torch.equal(out, dare_drop(d, 0.3, torch.Generator().manual_seed(0))), "seeded"
+    mean = torch.stack([dare_drop(d[:, :50], 0.3, torch.Generator().manual_seed(s)) for s in range(4000)]).mean(0)
+    assert torch.allclose(mean, d[:, :50], atol=0.15), "E[drop-and-rescale] = the task vector"
+
+
+def test_dare_with_density_one_is_task_arithmetic():
+    base, experts = state(0), [state(i) for i in (1, 2, 3)]
+    a = MERGERS["dare"](experts, base, WEIGHTS, density=1.0, scale=0.4)
+    b = MERGERS["task_arithmetic"](experts, base, WEIGHTS, scale=0.4)
+    c = MERGERS["dare_ties"](experts, base, WEIGHTS, density=1.0, scale=0.7)
+    d = MERGERS["ties"](experts, base, WEIGHTS, density=1.0, scale=0.7)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+        assert torch.allclose(c[k].float(), d[k].float(), atol=1e-6), k
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries():
+    d = deltas_of([0.9, -0.1, 0.5, -0.8, 0.05])
+    # outliers 0.2 of 5 -> drop the largest (0.9); density 0.4 -> keep the next 2 (-0.8, 0.5)
+    assert breadcrumbs_mask(d, density=0.4, outliers=0.2).tolist() == [[False, False, True, True, False]]
+
+
+def test_model_stock_interpolates_by_the_angle_between_task_vectors():
+    base = {"w": torch.zeros(2)}
+    # orthogonal task vectors: cos 0 -> t 0 -> the base
+    out = MERGERS["model_stock"]([{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}], base, WEIGHTS[:2])
+    assert torch.allclose(out["w"], torch.zeros(2))
+    # 45 degrees: cos = 1/sqrt(2), t = 2c / (1 + c), merge = t * mean
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    out = MERGERS["model_stock"]([{"w": e1}, {"w": e2}], base, WEIGHTS[:2])
+    c = 1 / 2 ** 0.5
+    assert torch.allclose(out["w"], (2 * c / (1 + c)) * (e1 + e2) / 2, atol=1e-6)
+
+
+def test_slerp_follows_the_arc():
+    a, b = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}
+    mid = MERGERS["slerp"]([a, b], None, WEIGHTS[:2], t=0.5)["w"]
+    assert torch.allclose(mid, torch.tensor([2 ** -0.5, 2 ** -0.5]), atol=1e-6), "on the circle, not the chord"
+    assert torch.allclose(MERGERS["slerp"]([a, b], None, WEIGHTS[:2], t=1.0)["w"], b["w"], atol=1e-6)
+    with pytest.raises(ValueError, match="exactly 2"):
+        MERGERS["slerp"]([a, b, a], None, WEIGHTS, t=0.5)

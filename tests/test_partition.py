@@ -52,3 +52,15 @@ def test_pathological_refuses_uncoverable_classes():
 def test_dirichlet_min_size_unreachable_is_an_error():
     with pytest.raises(ValueError, match="min_shard_size"):
         PARTITIONERS["dirichlet"](LABELS, 5, np.random.default_rng(0), alpha=0.5, min_shard_size=500, max_draws=5)
+
+
+def test_quantity_skew_varies_sizes_not_labels():
+    def sizes_and_het(alpha):
+        shards = PARTITIONERS["quantity_skew"](LABELS, 5, np.random.default_rng(0), alpha=alpha, min_shard_size=20)
+        return np.array([len(s) for s in shards]), heterogeneity(label_histograms(LABELS, shards, 10))
+
+    skewed, het_skewed = sizes_and_het(0.3)
+    even, het_even = sizes_and_het(1000.0)
+    assert skewed.std() > 4 * even.std()
+    assert even.max() - even.min() < 40
+    assert het_even < 0.1 and het_skewed < 0.35, "labels stay close to the global mix"
