@@ -85,8 +85,9 @@ def fedavg(experts: list[StateDict], base: StateDict | None, weights: torch.Tens
 
 
 def _task_vector_merge(
-    experts: list[StateDict], base: StateDict | None, combine_deltas: Callable[[torch.Tensor], torch.Tensor]
+    experts: list[StateDict], base: StateDict | None, combine_deltas: Callable[[str, torch.Tensor], torch.Tensor]
 ) -> StateDict:
+    """base + combine_deltas(name, (K, *shape) task vectors), tensor by tensor."""
     if base is None:
         raise ValueError("this merger needs the pretrained base model")
 
@@ -94,7 +95,7 @@ def _task_vector_merge(
         if _is_running_stat(key):  # statistics, not learned weights: no task vector
             return stacked.mean(0)
         theta0 = base[key].float()
-        return theta0 + combine_deltas(stacked - theta0)
+        return theta0 + combine_deltas(key, stacked - theta0)
 
     return _per_tensor(experts, combine)
 
@@ -105,7 +106,7 @@ def task_arithmetic(
 ) -> StateDict:
     """Task arithmetic: theta_0 + scale * sum_k (theta_k - theta_0) (Ilharco et al. 2023,
     "Editing Models with Task Arithmetic"). scale = 1/K gives the uniform average."""
-    return _task_vector_merge(experts, base, lambda deltas: scale * deltas.sum(0))
+    return _task_vector_merge(experts, base, lambda _, deltas: scale * deltas.sum(0))
 
 
 def ties_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
@@ -139,7 +140,7 @@ def ties(
     Models". Trim to the top-``density`` magnitudes, elect a sign per parameter, average the
     agreeing entries, add ``scale`` times the result to the base. Trimming is per tensor
     (as mergekit does), not over the whole flattened model as in the paper."""
-    return _task_vector_merge(experts, base, lambda deltas: scale * ties_combine(deltas, density))
+    return _task_vector_merge(experts, base, lambda _, deltas: scale * ties_combine(deltas, density))
 
 
 def _tensor_generator(seed: int, key: str, device: torch.device) -> torch.Generator:
@@ -155,22 +156,6 @@ def dare_drop(deltas: torch.Tensor, density: float, g: torch.Generator) -> torch
     return deltas * keep / density
 
 
-def _task_vector_merge_keyed(
-    experts: list[StateDict], base: StateDict | None, combine_deltas: Callable[[str, torch.Tensor], torch.Tensor]
-) -> StateDict:
-    """Like _task_vector_merge, for combines that need the tensor's name (seeded masks)."""
-    if base is None:
-        raise ValueError("this merger needs the pretrained base model")
-
-    def combine(key: str, stacked: torch.Tensor) -> torch.Tensor:
-        if _is_running_stat(key):
-            return stacked.mean(0)
-        theta0 = base[key].float()
-        return theta0 + combine_deltas(key, stacked - theta0)
-
-    return _per_tensor(experts, combine)
-
-
 @MERGERS.register("dare")
 def dare(
     experts: list[StateDict],
@@ -184,7 +169,7 @@ def dare(
     """DARE (drop and rescale) then task arithmetic: Yu et al. 2024, "Language Models are
     Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch". Each task-vector
     entry is dropped with probability 1 - density and the survivors are scaled by 1/density."""
-    return _task_vector_merge_keyed(
+    return _task_vector_merge(
         experts, base,
         lambda key, d: scale * dare_drop(d, density, _tensor_generator(seed, key, d.device)).sum(0))
 
@@ -206,7 +191,7 @@ def dare_ties(
         dropped = dare_drop(d, density, _tensor_generator(seed, key, d.device))
         return scale * ties_combine(dropped, density=1.0)  # nothing left to trim
 
-    return _task_vector_merge_keyed(experts, base, combine)
+    return _task_vector_merge(experts, base, combine)
 
 
 def breadcrumbs_mask(deltas: torch.Tensor, density: float, outliers: float) -> torch.Tensor:
@@ -237,7 +222,7 @@ def breadcrumbs(
     ``outliers`` fraction and everything below the next ``density`` fraction; the masked task
     vectors are added to the base with ``scale``."""
     return _task_vector_merge(
-        experts, base, lambda d: scale * (d * breadcrumbs_mask(d, density, outliers)).sum(0))
+        experts, base, lambda _, d: scale * (d * breadcrumbs_mask(d, density, outliers)).sum(0))
 
 
 @MERGERS.register("model_stock")
@@ -249,7 +234,7 @@ def model_stock(experts: list[StateDict], base: StateDict | None, weights: torch
     if k < 2:
         raise ValueError("model_stock needs at least 2 experts")
 
-    def combine(deltas: torch.Tensor) -> torch.Tensor:
+    def combine(_: str, deltas: torch.Tensor) -> torch.Tensor:
         flat = torch.nn.functional.normalize(deltas.reshape(k, -1), dim=1)
         gram = flat @ flat.T
         cos = ((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))).clamp(min=0.0)

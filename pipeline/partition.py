@@ -22,6 +22,19 @@ class Partitioner(Protocol):
 PARTITIONERS: Registry[Callable] = Registry("partitioner")
 
 
+def _redraw(draw: Callable[[], list[np.ndarray]], num_shards: int, min_shard_size: int, max_draws: int,
+            what: str) -> list[np.ndarray]:
+    """Repeat a random partition until every shard holds at least ``min_shard_size`` samples."""
+    for _ in range(max_draws):
+        shards = draw()
+        if min(len(s) for s in shards) >= min_shard_size:
+            return [np.sort(s) for s in shards]
+    raise ValueError(
+        f"no {what} in {max_draws} gave every one of {num_shards} shards >= {min_shard_size} samples; "
+        "raise alpha, lower min_shard_size or use fewer shards"
+    )
+
+
 @PARTITIONERS.register("iid")
 def iid(labels: np.ndarray, num_shards: int, rng: np.random.Generator, **_) -> list[np.ndarray]:
     """Uniformly random split into near-equal shards (McMahan et al. 2017, 'IID' setting)."""
@@ -49,7 +62,8 @@ def dirichlet(
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     classes = np.unique(labels)
-    for _ in range(max_draws):
+
+    def draw() -> list[np.ndarray]:
         shards: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
@@ -57,13 +71,9 @@ def dirichlet(
             cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
             for k, part in enumerate(np.split(idx, cuts)):
                 shards[k].append(part)
-        out = [np.sort(np.concatenate(s)) for s in shards]
-        if min(len(s) for s in out) >= min_shard_size:
-            return out
-    raise ValueError(
-        f"no Dirichlet(alpha={alpha}) draw in {max_draws} gave every one of {num_shards} shards "
-        f">= {min_shard_size} samples; raise alpha, lower min_shard_size or use fewer shards"
-    )
+        return [np.concatenate(s) for s in shards]
+
+    return _redraw(draw, num_shards, min_shard_size, max_draws, f"Dirichlet(alpha={alpha}) draw")
 
 
 @PARTITIONERS.register("pathological")
@@ -114,16 +124,12 @@ def quantity_skew(
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     n = len(labels)
-    for _ in range(max_draws):
+
+    def draw() -> list[np.ndarray]:
         p = rng.dirichlet(np.full(num_shards, alpha))
-        cuts = (np.cumsum(p)[:-1] * n).astype(int)
-        parts = np.split(rng.permutation(n), cuts)
-        if min(len(s) for s in parts) >= min_shard_size:
-            return [np.sort(s) for s in parts]
-    raise ValueError(
-        f"no Dirichlet(alpha={alpha}) draw of shard sizes in {max_draws} gave every one of {num_shards} "
-        f"shards >= {min_shard_size} samples; raise alpha, lower min_shard_size or use fewer shards"
-    )
+        return np.split(rng.permutation(n), (np.cumsum(p)[:-1] * n).astype(int))
+
+    return _redraw(draw, num_shards, min_shard_size, max_draws, f"Dirichlet(alpha={alpha}) draw of shard sizes")
 
 
 def label_histograms(labels: np.ndarray, shards: list[np.ndarray], num_classes: int) -> np.ndarray:
