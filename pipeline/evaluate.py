@@ -2,8 +2,10 @@
 
 Models: the pretrained backbone, each expert, each merged model, and the experts' logit
 ensemble (mean of logits; the reference a merge tries to reach at the cost of one model).
-Metrics: accuracy, NLL, ECE, and accuracy on each shard's own label distribution. The
-merged model with the best validation accuracy gets the registry alias ``best``.
+Metrics: accuracy, NLL, ECE, Brier score, NLL and ECE after temperature scaling (the
+temperature fitted on the validation split, Guo et al. 2017), per-class accuracy, and
+accuracy on each shard's own label distribution. The merged model with the best validation
+accuracy gets the registry alias ``best``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ import torch
 
 from pipeline import cli, config, layout, plots
 from pipeline.checkpoints import write_csv, write_json
-from pipeline.metrics import classification_report, per_class_accuracy, reliability_bins, shard_accuracy, accuracy
+from pipeline.metrics import (
+    accuracy,
+    classification_report,
+    fit_temperature,
+    per_class_accuracy,
+    reliability_bins,
+    shard_accuracy,
+)
 from pipeline.stage_io import load_model, load_manifest, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import predict_logits
@@ -42,21 +51,26 @@ def main(argv: list[str] | None = None) -> None:
         inputs = [layout.DATASET, layout.MANIFEST] + [p for _, _, p in candidates]
         producers = tracker.record_inputs(inputs)
 
-        test_logits, val_acc, kinds = {}, {}, {}
+        test_logits, val_logits, kinds = {}, {}, {}
         for name, kind, path in candidates:
             model, _ = load_model(path, device)
             test_logits[name] = predict_logits(model, data.x_test, cfg.batch_size)
-            val_acc[name] = accuracy(predict_logits(model, data.x_val, cfg.batch_size), data.y_val)
+            val_logits[name] = predict_logits(model, data.x_val, cfg.batch_size)
             kinds[name] = kind
         experts = [n for n, k in kinds.items() if k == "expert"]
-        test_logits["ensemble"] = torch.stack([test_logits[n] for n in experts]).mean(0)
+        for logits in (test_logits, val_logits):
+            logits["ensemble"] = torch.stack([logits[n] for n in experts]).mean(0)
         kinds["ensemble"] = "ensemble"
+        val_acc = {n: accuracy(v, data.y_val) for n, v in val_logits.items()}
 
         y, n_bins, c = data.y_test, cfg.ece_bins, data.num_classes
-        models, rows, shard_rows, rel_rows, curves = {}, [], [], [], {}
+        models, rows, shard_rows, rel_rows, class_rows, curves = {}, [], [], [], [], {}
         for name, logits in test_logits.items():
-            report = {k: r6(v) for k, v in classification_report(logits, y, n_bins).items()}
+            temperature = fit_temperature(val_logits[name], data.y_val)
+            report = {k: r6(v) for k, v in classification_report(logits, y, n_bins, temperature).items()}
             class_acc = per_class_accuracy(logits, y, c)
+            class_rows += [{"model": name, "class": data.meta["classes"][i], "accuracy": r6(a)}
+                           for i, a in enumerate(class_acc.tolist())]
             per_shard = {f"shard_{k}": r6(shard_accuracy(class_acc, hists[k])) for k in range(len(hists))}
             models[name] = {**report, "shard_accuracy": per_shard}
             rows.append({"model": name, "kind": kinds[name], **report})
@@ -87,14 +101,16 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"test": models, "summary": summary}
 
         write_json(layout.METRICS, metrics)
-        write_csv(layout.MODELS_CSV, rows, ["model", "kind", "accuracy", "nll", "ece"])
+        write_csv(layout.MODELS_CSV, rows, ["model", "kind", "accuracy", "nll", "ece", "brier", "temperature",
+                                            "nll_scaled", "ece_scaled"])
+        write_csv(layout.PER_CLASS_CSV, class_rows, ["model", "class", "accuracy"])
         write_csv(layout.SHARDS_CSV, shard_rows, ["model", "shard", "accuracy"])
         write_csv(layout.RELIABILITY_CSV, rel_rows, ["model", "bin", "confidence", "accuracy", "count"])
         plots.comparison_chart(rows, layout.COMPARISON_PNG)
         shown = ["pretrained", best_expert, "ensemble"] + merged_names
         plots.reliability_diagram({n: curves[n] for n in shown}, layout.RELIABILITY_PNG)
 
-        outs = [layout.METRICS, layout.MODELS_CSV, layout.SHARDS_CSV, layout.RELIABILITY_CSV,
+        outs = [layout.METRICS, layout.MODELS_CSV, layout.SHARDS_CSV, layout.RELIABILITY_CSV, layout.PER_CLASS_CSV,
                 layout.COMPARISON_PNG, layout.RELIABILITY_PNG]
         tracker.record_outputs(outs)
         flat = {f"{n}.{k}": v for n, m in models.items() for k, v in m.items() if isinstance(v, float)}
@@ -118,9 +134,11 @@ def _alias_best(tracker: Tracker, producers: dict[str, str], best: str) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}")
+    """The table on stdout (also printed by `python -m pipeline.report`)."""
+    print(f"{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}{'brier':>9}{'ece(T)':>9}")
     for r in rows:
-        print(f"{r['model']:<18}{r['kind']:<12}{r['accuracy']:>9.4f}{r['nll']:>9.4f}{r['ece']:>9.4f}")
+        print(f"{r['model']:<18}{r['kind']:<12}" + "".join(
+            f"{float(r[k]):>9.4f}" for k in ("accuracy", "nll", "ece", "brier", "ece_scaled")))
 
 
 if __name__ == "__main__":

@@ -47,10 +47,41 @@ def shard_accuracy(class_accuracy: torch.Tensor, label_histogram: torch.Tensor) 
     return (p * class_accuracy).sum().item()
 
 
-def classification_report(logits: torch.Tensor, y: torch.Tensor, n_bins: int) -> dict[str, float]:
+def classification_report(logits: torch.Tensor, y: torch.Tensor, n_bins: int,
+                          temperature: float = 1.0) -> dict[str, float]:
+    """Accuracy, NLL, ECE and Brier score; with a fitted ``temperature``, also the NLL and ECE
+    of the temperature-scaled probabilities (accuracy does not change under scaling)."""
     probs = logits.float().softmax(1)
+    scaled = (logits.float() / temperature).softmax(1)
     return {
         "accuracy": accuracy(logits, y),
         "nll": nll(logits, y),
         "ece": expected_calibration_error(probs, y, n_bins),
+        "brier": brier_score(probs, y),
+        "temperature": temperature,
+        "nll_scaled": nll(logits.float() / temperature, y),
+        "ece_scaled": expected_calibration_error(scaled, y, n_bins),
     }
+
+
+def brier_score(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Multi-class Brier score (Brier 1950): mean over samples of sum_c (p_c - [y = c])^2."""
+    onehot = F.one_hot(y, probs.shape[1]).to(probs.dtype)
+    return ((probs - onehot) ** 2).sum(1).mean().item()
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T),
+    fitted by L-BFGS on log T (held-out data: the validation split)."""
+    logits = logits.detach().float()
+    log_t = torch.zeros(1, device=logits.device, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return log_t.exp().item()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline import layout
+from pipeline.evaluate import print_table
 from pipeline.tracking import tracking_uri
 
 
@@ -19,16 +20,16 @@ def main() -> int:
         return 1
     rows = list(csv.DictReader(layout.MODELS_CSV.open()))
     summary = json.loads(layout.METRICS.read_text())["summary"]
-    print(f"\n{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}")
-    for r in rows:
-        print(f"{r['model']:<18}{r['kind']:<12}{float(r['accuracy']):>9.4f}{float(r['nll']):>9.4f}{float(r['ece']):>9.4f}")
+    print()
+    print_table(rows)
     print(f"\nbest expert {summary['best_expert']} {summary['best_expert_accuracy']:.4f}, "
           f"ensemble {summary['ensemble_accuracy']:.4f}; merged minus best expert: "
           + ", ".join(f"{n} {g['vs_best_expert']:+.4f}" for n, g in summary["merge_gap"].items()))
     uri = tracking_uri(Path("."))
     print(f"""
 metrics     {layout.METRICS}   (dvc metrics show)
-tables      {layout.MODELS_CSV}, {layout.SHARDS_CSV}, {layout.RELIABILITY_CSV}
+tables      {layout.MODELS_CSV}, {layout.SHARDS_CSV}, {layout.PER_CLASS_CSV}, {layout.RELIABILITY_CSV}
+            (ece(T): ECE after temperature scaling fitted on the validation split)
 plots       {layout.COMPARISON_PNG}, {layout.RELIABILITY_PNG}, {layout.PARTITION_PNG}
             dvc plots show   (writes dvc_plots/index.html)
 MLflow UI   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000

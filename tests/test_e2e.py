@@ -31,6 +31,7 @@ def test_metrics_cover_every_model(repro_project):
     assert set(models) == expected
     for name, m in models.items():
         assert 0 <= m["accuracy"] <= 1 and m["nll"] > 0 and 0 <= m["ece"] <= 1, name
+        assert 0 <= m["brier"] <= 2 and m["temperature"] > 0 and m["nll_scaled"] > 0, name
         assert set(m["shard_accuracy"]) == {f"shard_{k}" for k in range(K)}
     assert models["pretrained"]["accuracy"] > 0.3, "well above chance (0.1) on digits"
     s = metrics["summary"]
@@ -44,7 +45,10 @@ def test_plots_and_manifest_are_written(repro_project):
     for png in ("results/comparison.png", "results/reliability.png", "data/prepared/partition.png"):
         assert (repro_project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     rows = (repro_project / "results/models.csv").read_text().splitlines()
-    assert rows[0] == "model,kind,accuracy,nll,ece" and len(rows) == 1 + 2 + K + len(MERGERS)
+    assert rows[0] == "model,kind,accuracy,nll,ece,brier,temperature,nll_scaled,ece_scaled"
+    assert len(rows) == 1 + 2 + K + len(MERGERS)
+    per_class = (repro_project / "results/per_class.csv").read_text().splitlines()
+    assert len(per_class) == 1 + 10 * (2 + K + len(MERGERS))
     manifest = json.loads((repro_project / "data/prepared/partition.json").read_text())
     assert manifest["num_shards"] == K
     assert sum(s["size"] for s in manifest["shards"]) == sum(sum(s["label_histogram"]) for s in manifest["shards"])

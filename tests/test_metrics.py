@@ -3,6 +3,9 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
 from pipeline.metrics import (
+    brier_score,
+    classification_report,
+    fit_temperature,
     accuracy,
     expected_calibration_error,
     nll,
@@ -49,3 +52,20 @@ def test_shard_accuracy_reweights_classes():
     # a shard holding only class 1 sees 0.5; one with classes 0 and 1 equally sees 0.75
     assert shard_accuracy(acc, torch.tensor([0, 10, 0])) == 0.5
     assert abs(shard_accuracy(acc, torch.tensor([4, 4, 0])) - 0.75) < 1e-7
+
+
+def test_brier_score_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    y = torch.tensor([0, 1])
+    # (0.3^2 + 0.2^2 + 0.1^2) = 0.14 ; (0.1^2 + 0.9^2 + 0.8^2) = 1.46 ; mean 0.8
+    assert abs(brier_score(probs, y) - 0.8) < 1e-6
+
+
+def test_temperature_scaling_recovers_the_overconfidence_factor():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20_000, 5, generator=g) * 1.5
+    y = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1)  # labels drawn from softmax(z): calibrated
+    t = fit_temperature(3.0 * z, y)  # three times overconfident
+    assert abs(t - 3.0) < 0.15
+    report = classification_report(3.0 * z, y, 15, temperature=t)
+    assert report["ece_scaled"] < report["ece"] / 3 and report["nll_scaled"] < report["nll"]
