@@ -17,29 +17,26 @@ from pipeline.batchnorm import has_batchnorm, recalibrate
 from pipeline.checkpoints import load_tensors, md5, replace_dir, save_tensors, staging_dir
 from pipeline.merging import MERGERS
 from pipeline.metrics import accuracy
-from pipeline.stage_io import load_model, load_prepared
+from pipeline.stage_io import inherited_metadata, load_model, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import predict_logits
 
 
-
 def register(tracker: Tracker, name: str, path, meta: dict, registered_model: str) -> str:
     """Log a models-from-code pyfunc with the checkpoint as artifact; alias the version `name`."""
+    import io
+    import logging
+    import warnings
+
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    shape = meta["image_shape"]
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *meta["image_shape"]))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["architecture"]["num_classes"]))]),
     )
-    import contextlib
-    import io
-    import logging
-    import warnings
-
     # MLflow prints registration chatter and hints that do not apply to a models-from-code
     # pyfunc with an explicit signature (and, in a uv venv without pip, a pip-version warning).
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         weights = sizes / sizes.sum()
 
         staged = staging_dir(layout.MERGED)
-        val_acc, recal = {}, cfg.bn_recalibration and has_batchnorm(model)
+        val_acc, metas, recal = {}, {}, cfg.bn_recalibration and has_batchnorm(model)
         stack.callback(shutil.rmtree, staged, ignore_errors=True)  # gone if anything below fails
         for name, spec in cfg.mergers.items():
             merged = MERGERS[spec.method](experts, base_state, weights, **spec.options)
@@ -104,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             if recal:
                 recalibrate(model, data.x_train, cfg.bn_batch_size)
             val_acc[name] = accuracy(predict_logits(model, data.x_val), data.y_val)
-            meta = {
-                **{k: base_meta[k] for k in ("architecture", "normalization", "image_shape", "classes")},
+            metas[name] = {
+                **inherited_metadata(base_meta),
                 "stage": "merge",
                 "merger": name,
                 "method": spec.method,
@@ -114,15 +111,14 @@ def main(argv: list[str] | None = None) -> None:
                 "expert_weights": [round(w, 8) for w in weights.tolist()],
                 "inputs": {str(f): md5(f) for f in inputs},
             }
-            save_tensors(staged / f"{name}.safetensors", model.state_dict(), meta)
+            save_tensors(staged / f"{name}.safetensors", model.state_dict(), metas[name])
         replace_dir(layout.MERGED, staged)
 
         outs = [layout.MERGED / f"{name}.safetensors" for name in cfg.mergers]
         tracker.record_outputs(outs)
         tracker.log_metrics({f"val_accuracy.{n}": a for n, a in val_acc.items()})
         for name, path in zip(cfg.mergers, outs):
-            _, meta = load_tensors(path)
-            register(tracker, name, path, meta, cfg.registered_model)
+            register(tracker, name, path, metas[name], cfg.registered_model)
     table = ", ".join(f"{n} {a:.4f}" for n, a in val_acc.items())
     print(f"merge: {len(experts)} experts -> {len(val_acc)} merged models (BN recomputed: {recal}); val accuracy {table}")
 

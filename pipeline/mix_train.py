@@ -18,7 +18,7 @@ from pipeline.metrics import accuracy
 from pipeline.mixers import MIXERS, soft_cross_entropy
 from pipeline.progress import Progress
 from pipeline.stacked import RngStreams, fit_stacked
-from pipeline.stage_io import load_manifest, load_model, load_prepared
+from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import Schedule, fit, predict_logits
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             model.load_state_dict(state)
             val_acc = accuracy(predict_logits(model, data.x_val), data.y_val)
             metadata = {
-                **{key: pre_meta[key] for key in ("architecture", "normalization", "image_shape", "classes")},
+                **inherited_metadata(pre_meta),
                 "stage": "mix_train",
                 "shard": k,
                 "shard_size": len(y),

@@ -5,7 +5,7 @@ histogram per shard, content hash) and a heatmap of labels per shard.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import inspect
 
 import numpy as np
 import torch
@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     if k > len(train.y):
         raise config.ConfigError(f"base.shards has {k} shards: more than the {len(train.y)} training samples")
     part = cfg.partition
-    opts = {"alpha": part.alpha, "classes_per_shard": part.classes_per_shard, "min_shard_size": part.min_shard_size}
+    partitioner = PARTITIONERS[part.method]
+    accepted = inspect.signature(partitioner).parameters
+    opts = {k: v for k, v in part.model_dump().items() if k != "method" and k in accepted}
     try:
-        shards = PARTITIONERS[part.method](train.y.numpy(), k, np.random.default_rng(base.seed), **opts)
+        shards = partitioner(train.y.numpy(), k, np.random.default_rng(base.seed), **opts)
     except ValueError as e:
         raise config.ConfigError(f"prepare.partition ({part.method}): {e}") from None
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = {
         "dataset": cfg.dataset,
         "method": part.method,
-        "options": opts if part.method != "iid" else {},
+        "options": opts,
         "seed": base.seed,
         "num_shards": k,
         "num_classes": num_classes,

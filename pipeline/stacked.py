@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from pipeline.training import Schedule, autocast, batches
+from pipeline.training import Schedule, autocast, batches, steps_per_epoch
 
 StateDict = dict[str, torch.Tensor]
 
@@ -54,17 +54,13 @@ class RngStreams:
             torch.set_rng_state(saved)
 
 
-def _steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, sum(1 for s in range(0, n, batch_size) if min(batch_size, n - s) >= 2))
-
-
 def _lr_schedules(k: int, schedule: Schedule, sizes: list[int]):
     """torch's own CosineAnnealingLR per expert, on a placeholder optimiser, read each step."""
     out = []
     for i in range(k):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=schedule.epochs * _steps_per_epoch(sizes[i], schedule.batch_size))
+            opt, T_max=schedule.epochs * steps_per_epoch(sizes[i], schedule.batch_size))
         out.append((opt, sched))
     return out
 
@@ -157,8 +153,8 @@ def _sgd_step(params, momentum_buf, active: list[int], lrs: list[float], has_buf
             buf = momentum_buf[n]
             if buf is None:
                 buf = momentum_buf[n] = torch.zeros_like(p)
-            fresh = torch.tensor(has_buf, device=rows.device).view(-1, *([1] * (p.ndim - 1)))
-            new_buf = torch.where(fresh, buf[rows].mul(s.momentum).add(grad), grad)
+            started = torch.tensor(has_buf, device=rows.device).view(-1, *([1] * (p.ndim - 1)))
+            new_buf = torch.where(started, buf[rows].mul(s.momentum).add(grad), grad)
             buf[rows] = new_buf
-            grad = grad.add(new_buf, alpha=s.momentum) if s.momentum > 0 else new_buf
+            grad = grad.add(new_buf, alpha=s.momentum)  # Nesterov, as training.fit sets it
         p[rows] = p[rows] - lr.view(-1, *([1] * (p.ndim - 1))) * grad

@@ -45,6 +45,11 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[torch.nn.Modul
     return model, meta
 
 
+def inherited_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """The entries every checkpoint carries over from the backbone it descends from."""
+    return {k: meta[k] for k in ("architecture", "normalization", "image_shape", "classes")}
+
+
 def architecture(arch: str, prepared: Prepared, width: int) -> dict[str, Any]:
     """The checkpoint metadata entry that rebuilds the model (see checkpoints.load_model)."""
     return {

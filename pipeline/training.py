@@ -39,6 +39,11 @@ def batches(n: int, batch_size: int, g: torch.Generator, device: torch.device) -
             yield idx
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches `batches` yields per epoch (a last batch of one is dropped)."""
+    return max(1, sum(1 for s in range(0, n, batch_size) if min(batch_size, n - s) >= 2))
+
+
 def fit(
     params: Iterable[nn.Parameter],
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -58,8 +63,7 @@ def fit(
         params, lr=schedule.lr, momentum=schedule.momentum, nesterov=schedule.momentum > 0,
         weight_decay=schedule.weight_decay,
     )
-    steps_per_epoch = max(1, sum(1 for s in range(0, n, schedule.batch_size) if min(schedule.batch_size, n - s) >= 2))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch(n, schedule.batch_size))
     history = []
     for epoch in range(1, schedule.epochs + 1):
         total, count = torch.zeros((), device=device), 0

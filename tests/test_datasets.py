@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from pipeline.datasets import DATASETS, DataError
 from pipeline.prepare import split
@@ -11,8 +12,7 @@ def test_digits_is_real_and_in_range():
     ds = DATASETS["digits"]()
     assert ds.train.x.shape == (1797, 1, 8, 8) and ds.test is None
     assert 0 <= ds.train.x.min() and ds.train.x.max() <= 1
-    assert torch.bincount(ds.train.y).tolist() == np.bincount(
-        __import__("sklearn.datasets", fromlist=["load_digits"]).load_digits().target).tolist()
+    assert torch.bincount(ds.train.y).tolist() == np.bincount(load_digits().target).tolist()
 
 
 def test_imagefolder_of_generated_pngs(tmp_path):
