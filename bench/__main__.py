@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from pipeline.augment import random_affine
 from pipeline.merging import MERGERS
-from pipeline.mixers import MIXERS, soft_cross_entropy
+from pipeline.mix_losses import soft_cross_entropy
+from pipeline.mixers import MIXERS
 from pipeline.models import build
 from pipeline.stacked import RngStreams, fit_stacked
 from pipeline.training import Schedule, autocast, batches, fit

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_validator,
 )
 
 from pipeline.errors import ConfigError  # noqa: E402  (re-exported: config.ConfigError)
@@ -116,25 +117,55 @@ class PretrainConfig(OptimConfig):
         return _check_name("models", "ARCHITECTURES", v)
 
 
-class MixTrainConfig(OptimConfig):
-    mixer: str = "mixup"
-    mix_alpha: PositiveFloat = 1.0  # Beta(alpha, alpha) for the mixing ratio
-
-    @field_validator("mixer")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return _check_name("mixers", "MIXERS", v)
-
-
-class MergerSpec(Strict):
-    """One named merge: the registered method and its keyword options."""
+class MethodSpec(Strict):
+    """A registered method chosen by name, with its keyword options (mergers, mix losses)."""
 
     method: str
     options: dict[str, Any] = {}
 
 
+class MixTrainConfig(OptimConfig):
+    # One mixer name, or {name: probability}: one mixer drawn per batch with those odds.
+    mixer: str | dict[str, PositiveFloat] = "mixup"
+    mix_alpha: PositiveFloat = 1.0  # Beta(alpha, alpha) for the mixing ratio
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loss: MethodSpec = MethodSpec(method="soft_ce")
+
+    @field_validator("mixer", mode="before")
+    @classmethod
+    def _known(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # checked here: a union's error would only name its first branch
+            if not v:
+                raise ValueError("an empty mapping; give a mixer name or {name: probability}")
+            for name, p in v.items():
+                _check_name("mixers", "MIXERS", name)
+                if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
+                    raise ValueError(f"probability of {name} = {p!r}: must be a number greater than 0")
+            return v
+        if not isinstance(v, str):
+            raise ValueError("must be a mixer name or a mapping {name: probability}")
+        return _check_name("mixers", "MIXERS", v)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _parse_loss(cls, raw: Any) -> Any:
+        if isinstance(raw, str):
+            raw = {"method": raw}
+        return _parse_method("mix_losses", "MIX_LOSSES", "loss", raw)
+
+    def mixer_odds(self) -> dict[str, float]:
+        return dict(self.mixer) if isinstance(self.mixer, dict) else {self.mixer: 1.0}
+
+    @model_validator(mode="after")
+    def _hidden_mixing_needs_one_forward(self) -> "MixTrainConfig":
+        if "manifold_mixup" in self.mixer_odds() and self.loss.method == "rankmixup":
+            raise ValueError("mixer manifold_mixup cannot be combined with loss rankmixup "
+                             "(RankMixup's clean images would be mixed at the hidden layer too)")
+        return self
+
+
 class MergeConfig(Strict):
-    mergers: dict[str, MergerSpec] = Field(min_length=1)
+    mergers: dict[str, MethodSpec] = Field(min_length=1)
     bn_recalibration: bool = True
     bn_batch_size: PositiveInt = 256
     registered_model: str = Field("mixmerge-merged", min_length=1)
@@ -144,18 +175,18 @@ class MergeConfig(Strict):
     def _parse(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             return raw
-        return {name: _parse_merger(name, spec) for name, spec in raw.items()}
+        return {name: _parse_method("merging", "MERGERS", name, spec) for name, spec in raw.items()}
 
 
-def _parse_merger(name: str, spec: Any) -> MergerSpec:
-    """Validate ``{method: ..., **options}`` against the merger's keyword-only signature."""
+def _parse_method(family_module: str, registry_attr: str, name: str, spec: Any) -> MethodSpec:
+    """Validate ``{method: ..., **options}`` against the method's keyword-only signature."""
     if not isinstance(spec, dict) or "method" not in spec:
         raise ValueError(f"{name}: must be a mapping with a 'method' key, got {spec!r}")
-    MERGERS = _registry("merging", "MERGERS")
+    registry = _registry(family_module, registry_attr)
     method = spec["method"]
-    if method not in MERGERS:
-        raise ValueError(f"{name}.method = {method!r}: allowed: {', '.join(MERGERS.names())}")
-    fn = MERGERS[method]
+    if method not in registry:
+        raise ValueError(f"{name}.method = {method!r}: allowed: {', '.join(registry.names())}")
+    fn = registry[method]
     hints = typing.get_type_hints(fn, include_extras=True)  # annotations are strings (PEP 563)
     fields = {
         p.name: (hints[p.name], p.default)
@@ -171,7 +202,7 @@ def _parse_merger(name: str, spec: Any) -> MergerSpec:
         key = ".".join(str(p) for p in err["loc"])
         allowed = ", ".join(fields) or "no options"
         raise ValueError(f"{name}.{key} = {err.get('input')!r}: {err['msg']} (options of {method}: {allowed})")
-    return MergerSpec(method=method, options=parsed.model_dump())
+    return MethodSpec(method=method, options=parsed.model_dump())
 
 
 class EvaluateConfig(Strict):

@@ -4,7 +4,9 @@
 ``--shard 0 1 2 3`` trains those experts together in this one process, parameters stacked
 and vmapped (pipeline.stacked): the same result per expert within float tolerance, without
 K processes each paying for imports and data loading. The Prefect flow does this with
-``stack_shards=True`` and then records each shard stage with `dvc commit`.
+``stack_shards=True`` and then records each shard stage with `dvc commit`. A recipe that
+mixes hidden layers (manifold mixup hooks the model) cannot be vmapped: those experts are
+trained one after another in this process instead.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from pipeline import cli, config, layout
 from pipeline.checkpoints import md5, save_tensors, write_csv
 from pipeline.metrics import accuracy
-from pipeline.mixers import MIXERS, soft_cross_entropy
+from pipeline.mix_recipe import MixRecipe
 from pipeline.progress import Progress
 from pipeline.stacked import RngStreams, fit_stacked
 from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = load_manifest()
     index = {k: torch.tensor(manifest["shards"][k]["indices"], dtype=torch.long, device=device) for k in shards}
     shard_data = [(data.x_train[index[k]], data.y_train[index[k]]) for k in shards]
-    mix = MIXERS[cfg.mixer]
+    mixer_name = "+".join(cfg.mixer_odds())
     schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
     inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED]
 
@@ -62,17 +64,21 @@ def main(argv: list[str] | None = None) -> None:
 
         model, pre_meta = load_model(layout.PRETRAINED, device)
         init = {n: t.clone() for n, t in model.state_dict().items()}
-        if len(shards) == 1:
-            state, history = train_one(model, shard_data[0], mix, data.num_classes, cfg, schedule, base.seed,
-                                       shards[0], device)
-            states, histories = [state], [history]
+        recipes = [recipe_for(cfg, data.num_classes) for _ in shards]
+        if len(shards) == 1 or recipes[0].mixes_hidden_layers:
+            states, histories = [], []
+            for k, recipe, one_shard in zip(shards, recipes, shard_data):
+                model.load_state_dict(init)
+                state, history = train_one(model, one_shard, recipe, cfg, schedule, base.seed, k, device)
+                states.append(state)
+                histories.append(history)
         else:
             streams = RngStreams([mixing_seed(base.seed, k) for k in shards])
-            progress = Progress(f"mix_train[shards {shards[0]}-{shards[-1]} stacked, {cfg.mixer}]", cfg.epochs)
+            progress = Progress(f"mix_train[shards {shards[0]}-{shards[-1]} stacked, {mixer_name}]", cfg.epochs)
             states, histories = fit_stacked(
                 model, [init] * len(shards), shard_data,
-                lambda i, x, y: streams.run(i, mix, x, y, data.num_classes, cfg.mix_alpha),
-                soft_cross_entropy, schedule,
+                lambda i, x, y: streams.run(i, recipes[i].batch, x, y),
+                recipes[0].loss, schedule,
                 [cli.generator(batch_order_seed(base.seed, k), device) for k in shards], device,
                 on_epoch=lambda e, losses: progress.update(e, sum(losses) / len(losses)),
             )
@@ -97,25 +103,35 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log_metrics({"val_accuracy": val_acc})
             tracker.record_outputs([out, hist_csv])
             tracker.log_artifacts([hist_csv])
-            print(f"mix_train: shard {k} ({len(y)} samples, {cfg.mixer}) val accuracy {val_acc:.4f}")
+            print(f"mix_train: shard {k} ({len(y)} samples, {mixer_name}, {cfg.loss.method}) val accuracy {val_acc:.4f}")
 
 
-def train_one(model, shard_data, mix, num_classes, cfg, schedule, seed, shard, device):
+def recipe_for(cfg, num_classes: int) -> MixRecipe:
+    return MixRecipe(cfg.mixer_odds(), cfg.mix_alpha, num_classes, cfg.loss.method, cfg.loss.options,
+                     cfg.label_smoothing)
+
+
+def train_one(model, shard_data, recipe: MixRecipe, cfg, schedule, seed, shard, device):
     """One expert in this process: torch's own optimiser and scheduler (training.fit)."""
     x, y = shard_data
     torch.manual_seed(mixing_seed(seed, shard))  # torchvision's mixers draw from the global RNG
     g = cli.generator(batch_order_seed(seed, shard), device)
-    progress = Progress(f"mix_train[shard {shard}, {cfg.mixer}]", cfg.epochs)
+    progress = Progress(f"mix_train[shard {shard}, {'+'.join(recipe.names)}]", cfg.epochs)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()
 
     def loss_fn(b: torch.Tensor) -> torch.Tensor:
-        xm, ym = mix(x[b], y[b], num_classes, cfg.mix_alpha)
-        return soft_cross_entropy(model(xm), ym)
+        inputs, targets = recipe.batch(x[b], y[b])
+        return recipe.loss(model(inputs), targets)
 
-    history = fit(model.parameters(), loss_fn, len(y), schedule, g, device,
-                  on_epoch=lambda e, loss: progress.update(e, loss))
+    hooks = recipe.attach(model)
+    try:
+        history = fit(model.parameters(), loss_fn, len(y), schedule, g, device,
+                      on_epoch=lambda e, loss: progress.update(e, loss))
+    finally:
+        for h in hooks:
+            h.remove()
     return {n: t.detach().clone() for n, t in model.state_dict().items()}, history
 
 

@@ -1,4 +1,6 @@
-"""Backbones with a linear classifier. Every model exposes ``features(x)`` and ``classifier``.
+"""Backbones with a linear classifier. Every model exposes ``features(x)``, ``classifier`` and
+``mix_layers()``: the blocks whose outputs are hidden representations (manifold mixup mixes
+there; SelfCon's sub-network exit reads the middle one).
 
 Constructor signature: ``(in_channels, num_classes, width) -> nn.Module``. The checkpoint
 metadata stores exactly these arguments, so merge and evaluate can rebuild any model.
@@ -38,6 +40,9 @@ class SmallCNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def mix_layers(self) -> list[nn.Module]:
+        return [self.body[0], self.body[1], self.body[3]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
@@ -62,6 +67,9 @@ class ResNet18Cifar(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def mix_layers(self) -> list[nn.Module]:
+        return [self.body.layer1, self.body.layer2, self.body.layer3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -30,7 +30,13 @@ def test_default_params_are_valid(tmp_path):
         ("pretrain", "pretrain.epochs", 0, "pretrain.epochs = 0: Input should be greater than 0"),
         ("mix_train", "mix_train.lr", -0.1, "mix_train.lr = -0.1: Input should be greater than 0"),
         ("mix_train", "mix_train.lr", 0, "mix_train.lr = 0: Input should be greater than 0"),
-        ("mix_train", "mix_train.mixer", "blend", "mix_train.mixer = 'blend': unknown mixer 'blend'; allowed: cutmix, mixup, none"),
+        ("mix_train", "mix_train.mixer", "blend", "mix_train.mixer = 'blend': unknown mixer 'blend'; allowed: cutmix, fmix, gridmix, manifold_mixup, mixup, none"),
+        ("mix_train", "mix_train.mixer", {"mixup": 0.5, "blend": 0.5}, "unknown mixer 'blend'"),
+        ("mix_train", "mix_train.mixer", {"mixup": 0.5, "cutmix": -1}, "probability of cutmix = -1: must be a number greater than 0"),
+        ("mix_train", "mix_train.label_smoothing", 1.0, "mix_train.label_smoothing = 1.0: Input should be less than 1"),
+        ("mix_train", "mix_train.loss", "focal", "loss.method = 'focal': allowed: decoupled, rankmixup, soft_ce"),
+        ("mix_train", "mix_train.loss", {"method": "decoupled", "eta": -1}, "loss.eta = -1: Input should be greater than or equal to 0"),
+        ("mix_train", "mix_train.loss", {"method": "rankmixup", "eta": 1}, "loss.eta = 1: Extra inputs are not permitted (options of rankmixup: margin, weight)"),
         ("pretrain", "pretrain.method", "byol", "unknown pretrain method 'byol'; allowed: simclr, supervised"),
         ("pretrain", "pretrain.arch", "vit", "unknown architecture 'vit'"),
         ("prepare", "prepare.partition.alpha", 0, "prepare.partition.alpha = 0: Input should be greater than 0"),
@@ -54,6 +60,15 @@ def test_bad_values_name_key_value_and_what_is_allowed(tmp_path, stage, key, val
     msg = str(e.value)
     assert expected in msg
     assert "\n" not in msg, "one line"
+
+
+def test_manifold_mixup_with_rankmixup_is_refused(tmp_path):
+    p = tmp_path / "params.yaml"
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["mix_train"].update(mixer={"manifold_mixup": 0.5, "mixup": 0.5}, loss={"method": "rankmixup"})
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(config.ConfigError, match="manifold_mixup cannot be combined with loss rankmixup"):
+        config.load("mix_train", p)
 
 
 def test_unknown_section_and_bad_yaml(tmp_path):

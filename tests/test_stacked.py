@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from pipeline.mixers import MIXERS, soft_cross_entropy
+from pipeline.mix_recipe import MixRecipe
 from pipeline.models import SmallCNN
 from pipeline.stacked import RngStreams, fit_stacked
 from pipeline.training import Schedule, fit
@@ -19,6 +19,21 @@ def shards():
     return [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in SIZES]
 
 
+RECIPES = {  # mixers by name or {name: probability}, loss, loss options, label smoothing
+    "mixup": ({"mixup": 1.0}, "soft_ce", {}, 0.0),
+    "cutmix": ({"cutmix": 1.0}, "soft_ce", {}, 0.0),
+    "none": ({"none": 1.0}, "soft_ce", {}, 0.0),
+    "fmix+gridmix, smoothed": ({"fmix": 0.5, "gridmix": 0.5}, "soft_ce", {}, 0.1),
+    "saliencymix, decoupled": ({"saliencymix": 1.0}, "decoupled", {"eta": 0.5}, 0.0),
+    "resizemix+smoothmix, rankmixup": ({"resizemix": 0.3, "smoothmix": 0.7}, "rankmixup", {"margin": 0.1}, 0.0),
+}
+
+
+def recipe(name):
+    mixers, loss, options, smoothing = RECIPES[name]
+    return MixRecipe(mixers, 1.0, 10, loss, options, smoothing)
+
+
 def one_by_one(init, data, mixer):
     states, histories = [], []
     for k, (x, y) in enumerate(data):
@@ -28,16 +43,18 @@ def one_by_one(init, data, mixer):
         torch.manual_seed(100 + k)  # the expert's mixing stream
         g = torch.Generator().manual_seed(k)
 
+        r = recipe(mixer)
+
         def loss_fn(b):
-            xm, ym = MIXERS[mixer](x[b], y[b], 10, 1.0)
-            return soft_cross_entropy(model(xm), ym)
+            inputs, targets = r.batch(x[b], y[b])
+            return r.loss(model(inputs), targets)
 
         histories.append(fit(model.parameters(), loss_fn, len(y), SCHEDULE, g, CPU))
         states.append(copy.deepcopy(model.state_dict()))
     return states, histories
 
 
-@pytest.mark.parametrize("mixer", ["mixup", "cutmix", "none"])
+@pytest.mark.parametrize("mixer", list(RECIPES))
 def test_stacked_training_matches_training_one_by_one(mixer):
     torch.manual_seed(0)
     init = copy.deepcopy(SmallCNN(1, 10, 4).state_dict())
@@ -45,10 +62,11 @@ def test_stacked_training_matches_training_one_by_one(mixer):
     ref_states, ref_hist = one_by_one(init, data, mixer)
 
     streams = RngStreams([100 + k for k in range(len(SIZES))])
+    recipes = [recipe(mixer) for _ in SIZES]
     states, hist = fit_stacked(
         SmallCNN(1, 10, 4), [init] * len(SIZES), data,
-        lambda k, x, y: streams.run(k, MIXERS[mixer], x, y, 10, 1.0),
-        soft_cross_entropy, SCHEDULE, [torch.Generator().manual_seed(k) for k in range(len(SIZES))], CPU,
+        lambda k, x, y: streams.run(k, recipes[k].batch, x, y),
+        recipes[0].loss, SCHEDULE, [torch.Generator().manual_seed(k) for k in range(len(SIZES))], CPU,
     )
     for k in range(len(SIZES)):
         assert hist[k] == pytest.approx(ref_hist[k], rel=1e-4, abs=1e-5), k
