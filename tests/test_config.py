@@ -1,4 +1,5 @@
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
