@@ -166,6 +166,7 @@ class MixTrainConfig(OptimConfig):
 
 class MergeConfig(Strict):
     mergers: dict[str, MethodSpec] = Field(min_length=1)
+    align: Literal["none", "weight_matching"] = "none"  # permutation alignment before every merger
     bn_recalibration: bool = True
     bn_batch_size: PositiveInt = 256
     registered_model: str = Field("mixmerge-merged", min_length=1)

@@ -8,6 +8,7 @@ as a pyfunc model (from code, weights as a safetensors artifact) and registered 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import shutil
 
 import torch
@@ -15,9 +16,11 @@ import torch
 from pipeline import cli, config, layout
 from pipeline.batchnorm import has_batchnorm, recalibrate
 from pipeline.checkpoints import load_tensors, md5, replace_dir, save_tensors, staging_dir
+from pipeline.alignment import SPECS, align_experts
+from pipeline.merge_data import MergeData
 from pipeline.merging import MERGERS
 from pipeline.metrics import accuracy
-from pipeline.stage_io import inherited_metadata, load_model, load_prepared
+from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import predict_logits
 
@@ -59,10 +62,16 @@ def register(tracker: Tracker, name: str, path, meta: dict, registered_model: st
     return version
 
 
+def needs_data(method: str) -> bool:
+    return "data" in inspect.signature(MERGERS[method]).parameters
+
+
 def check_mergers_accept(cfg, k: int) -> None:
     """Refuse, before any computation, a merger that cannot take K experts (slerp needs 2):
     a dry run on K empty state dicts exercises only the mergers' argument checks."""
     for name, spec in cfg.mergers.items():
+        if needs_data(spec.method):
+            continue  # they take any K >= 1; a dry run would need the data
         try:
             MERGERS[spec.method]([{} for _ in range(k)], {}, torch.full((k,), 1.0 / k), **spec.options)
         except ValueError as e:
@@ -79,10 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise config.ConfigError(f"base.shards = {base.shards}: expert checkpoints missing: {', '.join(missing)}")
     check_mergers_accept(cfg, len(expert_files))
+    arch = load_tensors(layout.PRETRAINED)[1]["architecture"]["name"] if layout.PRETRAINED.exists() else None
+    if cfg.align == "weight_matching" and arch not in SPECS:
+        raise config.ConfigError(f"merge.align = 'weight_matching': no permutation spec for architecture {arch!r}; "
+                                 f"supported: {', '.join(SPECS)} (or align: none)")
 
     with Tracker("merge", "merge", params_file=args.params) as tracker, contextlib.ExitStack() as stack:
         tracker.log_params({"base": base.model_dump(), "merge": cfg.model_dump()})
-        inputs = [layout.DATASET, layout.PRETRAINED, *expert_files]
+        inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED, *expert_files]
         tracker.record_inputs(inputs)
 
         model, base_meta = load_model(layout.PRETRAINED, device)
@@ -91,12 +104,23 @@ def main(argv: list[str] | None = None) -> None:
         experts = [state for state, _ in loaded]
         sizes = torch.tensor([meta["shard_size"] for _, meta in loaded], dtype=torch.float32)
         weights = sizes / sizes.sum()
+        realigned = [False] * len(experts)
+        if cfg.align == "weight_matching":
+            experts, realigned = align_experts(arch, base_state, experts)
+            print(f"merge: weight matching to the pretrained model permuted experts {[i for i, m in enumerate(realigned) if m]}")
+        manifest = load_manifest()
+        shard_x = [data.x_train[torch.tensor(manifest["shards"][k]["indices"], device=device)] for k in base.shards]
+        shard_y = [data.y_train[torch.tensor(manifest["shards"][k]["indices"], device=device)] for k in base.shards]
+        recal = cfg.bn_recalibration and has_batchnorm(model)
+        merge_data = MergeData(model, list(zip(shard_x, shard_y)), data.x_val, data.y_val,
+                               data.x_train if recal else None, cfg.bn_batch_size, base.seed)
 
         staged = staging_dir(layout.MERGED)
-        val_acc, metas, recal = {}, {}, cfg.bn_recalibration and has_batchnorm(model)
+        val_acc, metas = {}, {}
         stack.callback(shutil.rmtree, staged, ignore_errors=True)  # gone if anything below fails
         for name, spec in cfg.mergers.items():
-            merged = MERGERS[spec.method](experts, base_state, weights, **spec.options)
+            extra = {"data": merge_data} if needs_data(spec.method) else {}
+            merged = MERGERS[spec.method](experts, base_state, weights, **extra, **spec.options)
             model.load_state_dict(merged)
             if recal:
                 recalibrate(model, data.x_train, cfg.bn_batch_size)
@@ -108,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                 "method": spec.method,
                 "options": spec.options,
                 "bn_recalibrated": recal,
+                "aligned": cfg.align,
+                "permuted_experts": [i for i, m in enumerate(realigned) if m],
+                **({"chosen": merge_data.notes[spec.method]} if spec.method in merge_data.notes else {}),
                 "expert_weights": [round(w, 8) for w in weights.tolist()],
                 "inputs": {str(f): md5(f) for f in inputs},
             }

@@ -3,7 +3,8 @@
 A merger: ``(experts, base, weights, **options) -> state_dict`` where ``experts`` are K
 state dicts of one architecture, ``base`` the pretrained state dict they were fine-tuned
 from, ``weights`` the experts' data-size weights (sum 1). Options are keyword-only and
-annotated; config validation builds its checks from these signatures.
+annotated; config validation builds its checks from these signatures. A merger that needs
+data (Fisher, RegMean, greedy soup) also takes ``data``: a pipeline.merge_data.MergeData.
 
 Merges go tensor by tensor: only the K copies of one tensor are stacked at a time, never
 whole models. Integer buffers (BatchNorm's num_batches_tracked) are taken from expert 0;
@@ -16,7 +17,7 @@ import hashlib
 from typing import Annotated, Callable
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from pipeline.registry import Registry
 
@@ -268,3 +269,119 @@ def slerp(
         return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
     return _per_tensor(experts, combine)
+
+
+def _needs(data, name: str):
+    if data is None:
+        raise ValueError(f"{name} needs data (the experts' shards and the validation split)")
+    return data
+
+
+@MERGERS.register("fisher")
+def fisher(
+    experts: list[StateDict], base: StateDict | None, weights: torch.Tensor, data=None, *,
+    samples: PositiveInt = 256, floor: Annotated[float, Field(gt=0)] = 1e-8,
+) -> StateDict:
+    """Fisher-weighted averaging: Matena & Raffel 2022, "Merging Models with Fisher-Weighted
+    Averaging". theta = sum_k (F_k + floor) theta_k / sum_k (F_k + floor), F_k the diagonal
+    Fisher of expert k on up to ``samples`` images of its own shard; where no expert has
+    Fisher mass the floor makes it the plain average. Buffers are averaged."""
+    data = _needs(data, "fisher")
+    fishers = [data.fisher(k, e, samples) for k, e in enumerate(experts)]
+
+    def combine(key: str, stacked: torch.Tensor) -> torch.Tensor:
+        if key not in fishers[0]:
+            return stacked.mean(0)
+        f = torch.stack([fk[key].float() for fk in fishers]) + floor
+        return (f * stacked).sum(0) / f.sum(0)
+
+    return _per_tensor(experts, combine)
+
+
+@MERGERS.register("regmean")
+def regmean(
+    experts: list[StateDict], base: StateDict | None, weights: torch.Tensor, data=None, *,
+    alpha: Fraction = 0.9,
+) -> StateDict:
+    """RegMean: Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language
+    Models". Each linear (and conv, on unfolded patches) weight solves the regression that
+    matches every expert's outputs on its own inputs: W = (sum_k G_k)^-1 sum_k G_k W_k^T with
+    G_k = X_k^T X_k, off-diagonals scaled by ``alpha``. Other tensors (biases, BatchNorm) are
+    averaged. A ridge of 1e-6 x the mean diagonal, pulling towards the plain average, keeps
+    the solve defined when an input dimension is always zero (e.g. a dead ReLU channel):
+    W = (G + rI)^-1 (sum_k G_k W_k^T + r W_avg^T)."""
+    from pipeline.merge_data import weight_layers
+
+    data = _needs(data, "regmean")
+    grams = [data.grams(k, e) for k, e in enumerate(experts)]
+    solved = {f"{n}.weight": n for n in weight_layers(data.model)}
+
+    def combine(key: str, stacked: torch.Tensor) -> torch.Tensor:
+        if key not in solved:
+            return stacked.mean(0)
+        k, out = stacked.shape[0], stacked.shape[1]
+        w = stacked.reshape(k, out, -1)  # (K, out, D)
+        w = w.double()  # the normal equations are ill-conditioned in float32
+        g = torch.stack([gk[solved[key]].double() for gk in grams])  # (K, D, D)
+        diag = torch.diag_embed(g.diagonal(dim1=1, dim2=2))
+        g = alpha * g + (1 - alpha) * diag
+        total = g.sum(0)
+        ridge = 1e-6 * total.diagonal().mean().clamp(min=1e-12)
+        total = total + ridge * torch.eye(total.shape[0], device=total.device, dtype=total.dtype)
+        rhs = (g @ w.transpose(1, 2)).sum(0) + ridge * w.mean(0).T  # (D, out)
+        return torch.linalg.solve(total, rhs).T.reshape(stacked.shape[1:]).to(stacked.dtype)
+
+    return _per_tensor(experts, combine)
+
+
+@MERGERS.register("greedy_soup")
+def greedy_soup(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor, data=None) -> StateDict:
+    """Greedy soup: Wortsman et al. 2022, "Model soups: averaging weights of multiple
+    fine-tuned models improves accuracy without increasing inference time". Experts sorted by
+    validation accuracy; each is added to the uniform soup only if the soup's validation
+    accuracy does not drop. The chosen experts are left in ``data.notes['greedy_soup']``."""
+    data = _needs(data, "greedy_soup")
+    scores = [data.val_accuracy(e) for e in experts]
+    order = sorted(range(len(experts)), key=lambda i: -scores[i])
+    chosen, best = [order[0]], scores[order[0]]
+    for i in order[1:]:
+        acc = data.val_accuracy(uniform([experts[j] for j in chosen + [i]], base, weights))
+        if acc >= best:
+            chosen, best = chosen + [i], acc
+    data.notes["greedy_soup"] = {"experts": sorted(chosen), "val_accuracy": best}
+    return uniform([experts[j] for j in chosen], base, weights)
+
+
+def pcb_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """PCB on one tensor's K task vectors (K, *shape): balance, drop, rescale, weighted mean."""
+    k = deltas.shape[0]
+    flat = deltas.reshape(k, -1).float()
+
+    def minmax(v: torch.Tensor) -> torch.Tensor:
+        lo, hi = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
+        return (v - lo) / (hi - lo).clamp(min=1e-12)
+
+    intra = torch.exp(k * minmax(flat**2))  # softmax over a task's entries, up to a constant
+    inter = torch.softmax(flat * flat.sum(0, keepdim=True), dim=0)  # across tasks, per entry
+    balance = intra * inter
+    keep = max(1, int(round(density * flat.shape[1])))
+    threshold = balance.topk(keep, dim=1, sorted=False).values.amin(1, keepdim=True)
+    top = balance.amax(1, keepdim=True)
+    score = ((balance - threshold) / (top - threshold).clamp(min=1e-12)).clamp(min=0)
+    score = torch.where(balance >= threshold, score.clamp(min=1e-12), torch.zeros_like(score))
+    merged = (score * flat).sum(0) / score.sum(0).clamp(min=1e-12)
+    return merged.reshape(deltas.shape[1:])
+
+
+@MERGERS.register("pcb")
+def pcb(
+    experts: list[StateDict], base: StateDict | None, weights: torch.Tensor, *,
+    density: Fraction = 0.2, scale: Scale = 1.0,
+) -> StateDict:
+    """PCB-merging: Du et al. 2024, "Parameter Competition Balancing for Model Merging" (NeurIPS).
+    Per entry, intra-balancing exp(K * minmax(delta_k^2)) times inter-balancing softmax over
+    tasks of delta_k * sum_j delta_j (as the authors' release computes it); each task keeps
+    its top-``density`` scores, rescaled to (0, 1]; the merge is the score-weighted mean of
+    the task vectors, added to the base with ``scale``. Per tensor, like TIES here (the paper
+    flattens whole models); the paper's outlier clamp is not applied."""
+    return _task_vector_merge(experts, base, lambda _, d: scale * pcb_combine(d, density))

@@ -1,9 +1,14 @@
 import copy
+import inspect
+import itertools
+import math
 
 import pytest
 import torch
 
-from pipeline.merging import MERGERS, breadcrumbs_mask, dare_drop, ties_combine
+from pipeline.alignment import align_experts, permute, small_cnn_spec, weight_matching
+from pipeline.merge_data import MergeData, diagonal_fisher, input_grams
+from pipeline.merging import MERGERS, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine
 from pipeline.models import SmallCNN
 
 
@@ -22,7 +27,16 @@ IDENTITY_OPTIONS = {
     "dare": {"density": 1.0, "scale": 1 / 3},
     "dare_ties": {"density": 1.0, "scale": 1.0},
     "breadcrumbs": {"density": 1.0, "outliers": 0.0, "scale": 1 / 3},
+    "pcb": {"density": 1.0},
 }
+
+
+def merge_data(k=3, n=24, seed=0):
+    """Real model and data for the mergers that need data: K shards and a validation split."""
+    g = torch.Generator().manual_seed(seed)
+    shards = [(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)) for _ in range(k)]
+    x_val, y_val = torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+    return MergeData(SmallCNN(1, 10, 4), shards, x_val, y_val, torch.cat([x for x, _ in shards]), 64, seed)
 
 
 @pytest.mark.parametrize("method", MERGERS.names())
@@ -31,7 +45,8 @@ def test_merging_identical_models_returns_that_model(method):
     expert = state(1)
     k = 2 if method == "slerp" else 3
     experts = [copy.deepcopy(expert) for _ in range(k)]
-    merged = MERGERS[method](experts, base, WEIGHTS[:k] / WEIGHTS[:k].sum(), **IDENTITY_OPTIONS.get(method, {}))
+    extra = {"data": merge_data(k)} if "data" in inspect.signature(MERGERS[method]).parameters else {}
+    merged = MERGERS[method](experts, base, WEIGHTS[:k] / WEIGHTS[:k].sum(), **extra, **IDENTITY_OPTIONS.get(method, {}))
     for k, v in expert.items():
         assert torch.allclose(merged[k].float(), v.float(), atol=1e-6), k
         assert merged[k].dtype == v.dtype
@@ -137,3 +152,136 @@ def test_slerp_follows_the_arc():
     assert torch.allclose(MERGERS["slerp"]([a, b], None, WEIGHTS[:2], t=1.0)["w"], b["w"], atol=1e-6)
     with pytest.raises(ValueError, match="exactly 2"):
         MERGERS["slerp"]([a, b, a], None, WEIGHTS, t=0.5)
+
+
+def test_diagonal_fisher_matches_the_analytic_gradient_of_a_linear_softmax():
+    """For logits = W x + b, d log p_y / dW = (e_y - p) x^T: Fisher = mean of its squares,
+    with y drawn from the model's own prediction (the same generator draws)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x = torch.randn(10, 4)
+    fisher = diagonal_fisher(model, model.state_dict(), x, torch.Generator().manual_seed(5), chunk=4)
+    g = torch.Generator().manual_seed(5)
+    fw, fb = torch.zeros(3, 4), torch.zeros(3)
+    with torch.no_grad():
+        for start in range(0, 10, 4):
+            xb = x[start : start + 4]
+            p = model(xb).softmax(-1)
+            yb = torch.multinomial(p, 1, generator=g).squeeze(1)
+            r = torch.nn.functional.one_hot(yb, 3).float() - p
+            fw += (r[:, :, None] * xb[:, None, :]).pow(2).sum(0)
+            fb += r.pow(2).sum(0)
+    assert torch.allclose(fisher["0.weight"], fw / 10, atol=1e-6)
+    assert torch.allclose(fisher["0.bias"], fb / 10, atol=1e-6)
+
+
+def test_fisher_merge_weights_each_parameter_by_its_fisher():
+    data = merge_data()
+    experts = [state(i) for i in (1, 2, 3)]
+    merged = MERGERS["fisher"](experts, state(0), WEIGHTS, data=data, samples=24, floor=1e-8)
+    fishers = [data.fisher(k, e, 24) for k, e in enumerate(experts)]
+    key = "body.1.0.weight"
+    f = torch.stack([fk[key] for fk in fishers]) + 1e-8
+    expected = (f * torch.stack([e[key] for e in experts])).sum(0) / f.sum(0)
+    assert torch.allclose(merged[key], expected, atol=1e-6)
+    assert not torch.allclose(merged[key], sum(e[key] for e in experts) / 3, atol=1e-4), "not a plain average"
+
+
+def test_regmean_solves_the_least_squares_of_every_experts_outputs():
+    """With alpha = 1, RegMean's weight minimises sum_k ||X_k W^T - X_k W_k^T||^2 (here
+    checked against lstsq on the stacked inputs), also for a conv on its unfolded patches."""
+    data = merge_data()
+    experts = [state(i) for i in (1, 2, 3)]
+    merged = MERGERS["regmean"](experts, state(0), WEIGHTS, data=data, alpha=1.0)
+    for key, layer in (("classifier.weight", "classifier"), ("body.1.0.weight", "body.1.0")):
+        xs, ys = [], []
+        for k, e in enumerate(experts):
+            captured = []
+            model = data.model
+            model.load_state_dict(e)
+            model.eval()
+            module = dict(model.named_modules())[layer]
+            h = module.register_forward_pre_hook(lambda _, i: captured.append(i[0]))
+            with torch.no_grad():
+                model(data.shards[k][0])
+            h.remove()
+            a = captured[0]
+            if isinstance(module, torch.nn.Conv2d):
+                a = torch.nn.functional.unfold(a, 3, padding=1).transpose(1, 2).reshape(-1, a.shape[1] * 9)
+            w = e[key].reshape(e[key].shape[0], -1)
+            xs.append(a)
+            ys.append(a @ w.T)
+        solution = torch.linalg.lstsq(torch.cat(xs).double(), torch.cat(ys).double()).solution.T
+        got = merged[key].reshape(solution.shape).double()
+        assert torch.allclose(got, solution, atol=1e-3, rtol=1e-3), key
+    # the Gram matrices the merger used are X^T X of those inputs
+    grams = input_grams(data.model, experts[0], data.shards[0][0])
+    assert grams["classifier"].shape == (16, 16) and grams["body.1.0"].shape == (36, 36)
+
+
+def test_greedy_soup_leaves_out_an_expert_that_hurts_validation_accuracy():
+    """Experts 0-2 are copies trained to fit the validation labels; expert 3 is noise.
+    The soup starts from the best and adds an expert only if accuracy does not drop."""
+    data = merge_data(k=4)
+    model = data.model
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data.x_val), data.y_val).backward()
+        opt.step()
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    noise = {k: (v + 3 * torch.randn_like(v)) if v.is_floating_point() else v for k, v in good.items()}
+    experts = [good, good, noise, good]
+    merged = MERGERS["greedy_soup"](experts, None, torch.full((4,), 0.25), data=data)
+    assert data.notes["greedy_soup"]["experts"] == [0, 1, 3]
+    assert torch.allclose(merged["classifier.weight"], good["classifier.weight"], atol=1e-6)
+    assert data.notes["greedy_soup"]["val_accuracy"] > data.val_accuracy(noise)
+
+
+def test_pcb_worked_example_against_its_definition():
+    deltas = torch.tensor([[0.5, -0.2, 0.05, 1.0], [0.4, 0.3, -0.1, -0.6], [0.1, 0.2, 0.02, 0.9]])
+    k, n = deltas.shape
+    density = 0.5
+    # the definition entry by entry
+    sq = deltas**2
+    intra = torch.stack([torch.exp(k * (sq[i] - sq[i].min()) / (sq[i].max() - sq[i].min())) for i in range(k)])
+    total = deltas.sum(0)
+    inter = torch.stack([torch.tensor([
+        math.exp(deltas[i, j] * total[j]) / sum(math.exp(deltas[m, j] * total[j]) for m in range(k))
+        for j in range(n)]) for i in range(k)])
+    beta = intra * inter
+    expected = torch.zeros(n)
+    weights = torch.zeros(k, n)
+    for i in range(k):
+        kept = sorted(beta[i].tolist(), reverse=True)[: int(density * n)]
+        lo, hi = min(kept), max(kept)
+        for j in range(n):
+            if beta[i, j] >= lo:
+                weights[i, j] = max((beta[i, j] - lo) / (hi - lo), 1e-12)
+    expected = (weights * deltas).sum(0) / weights.sum(0).clamp(min=1e-12)
+    assert torch.allclose(pcb_combine(deltas, density), expected, atol=1e-6)
+
+
+def test_weight_matching_undoes_a_random_permutation_of_hidden_units():
+    reference = state(1)
+    spec = small_cnn_spec(reference)
+    g = torch.Generator().manual_seed(0)
+    scramble = {grp: torch.randperm(reference[m[0][0]].shape[0], generator=g) for grp, m in spec.items()}
+    scrambled = permute(reference, spec, scramble)
+    model = SmallCNN(1, 10, 4).eval()
+    x = torch.randn(5, 1, 8, 8)
+    model.load_state_dict(reference)
+    before = model(x)
+    model.load_state_dict(scrambled)
+    assert torch.allclose(model(x), before, atol=1e-5), "a permutation keeps the function"
+    assert not torch.equal(scrambled["body.0.0.weight"], reference["body.0.0.weight"])
+    aligned, moved = align_experts("small_cnn", reference, [scrambled, reference])
+    assert moved == [True, False]
+    for key in reference:
+        assert torch.equal(aligned[0][key], reference[key]), key
+    with pytest.raises(ValueError, match="permutation spec"):
+        align_experts("resnet18_cifar", reference, [scrambled])
+    perms = weight_matching(reference, scrambled, spec)
+    assert all(torch.equal(scramble[grp][perms[grp]], torch.arange(len(perms[grp]))) for grp in spec)
