@@ -51,7 +51,9 @@ def test_default_params_are_valid(tmp_path):
         ("prepare", "base.device", "tpu", "base.device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
         ("merge", "merge.mergers.ties.density", 1.5, "ties.density = 1.5: Input should be less than or equal to 1"),
         ("merge", "merge.mergers.ties.sharpness", 2, "ties.sharpness = 2: Extra inputs are not permitted (options of ties: density, scale)"),
-        ("merge", "merge.mergers.mine", {"method": "magic"}, "mine.method = 'magic': allowed: breadcrumbs, dare, dare_ties, fedavg, model_stock, slerp, task_arithmetic, ties, uniform"),
+        ("merge", "merge.mergers.mine", {"method": "magic"}, "mine.method = 'magic': allowed: breadcrumbs, dare, dare_ties, fedavg, fisher, greedy_soup, model_stock, pcb, regmean, slerp, task_arithmetic, ties, uniform"),
+        ("merge", "merge.align", "git_rebasin", "merge.align = 'git_rebasin': Input should be 'none' or 'weight_matching'"),
+        ("merge", "merge.mergers.rm", {"method": "regmean", "alpha": 0}, "rm.alpha = 0: Input should be greater than 0"),
         ("merge", "merge.mergers.avg2", {"method": "uniform", "scale": 2}, "avg2.scale = 2: Extra inputs are not permitted (options of uniform: no options)"),
     ],
 )
