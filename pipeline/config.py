@@ -209,6 +209,7 @@ def _parse_method(family_module: str, registry_attr: str, name: str, spec: Any) 
 class EvaluateConfig(Strict):
     ece_bins: PositiveInt = 15
     batch_size: PositiveInt = 512
+    interpolation_points: int = Field(5, ge=2)  # per pair of experts, endpoints included
 
 
 STAGE_MODELS: dict[str, type[Strict]] = {

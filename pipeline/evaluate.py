@@ -4,14 +4,22 @@ Models: the pretrained backbone, each expert, each merged model, and the experts
 ensemble (mean of logits; the reference a merge tries to reach at the cost of one model).
 Metrics: accuracy, NLL, ECE, Brier score, NLL and ECE after temperature scaling (the
 temperature fitted on the validation split, Guo et al. 2017), per-class accuracy, and
-accuracy on each shard's own label distribution. The merged model with the best validation
+accuracy on each shard's own label distribution, and a linear probe and kNN on each model's
+frozen features (pipeline.probes). For each pair of experts, mergeability diagnostics
+(pipeline.diagnostics): interpolation barrier, task-vector cosine, sign conflicts. The
+merge-gap table compares every merger with the best expert and the ensemble, on the test
+split and on each shard's label distribution. The merged model with the best validation
 accuracy gets the registry alias ``best``.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from pipeline import cli, config, layout, plots
+from pipeline.batchnorm import has_batchnorm
+from pipeline.diagnostics import barriers, interpolation_curve, sign_conflict_share, task_vector_cosine
 from pipeline.checkpoints import write_csv, write_json
 from pipeline.metrics import (
     accuracy,
@@ -21,6 +29,7 @@ from pipeline.metrics import (
     reliability_bins,
     shard_accuracy,
 )
+from pipeline.probes import probe_scores
 from pipeline.stage_io import load_model, load_manifest, load_prepared
 from pipeline.tracking import Tracker
 from pipeline.training import predict_logits
@@ -51,12 +60,16 @@ def main(argv: list[str] | None = None) -> None:
         inputs = [layout.DATASET, layout.MANIFEST] + [p for _, _, p in candidates]
         producers = tracker.record_inputs(inputs)
 
-        test_logits, val_logits, kinds = {}, {}, {}
+        test_logits, val_logits, kinds, probes, states = {}, {}, {}, {}, {}
         for name, kind, path in candidates:
             model, _ = load_model(path, device)
             test_logits[name] = predict_logits(model, data.x_test, cfg.batch_size)
             val_logits[name] = predict_logits(model, data.x_val, cfg.batch_size)
+            probes[name] = probe_scores(model, data.x_train, data.y_train, data.x_test, data.y_test,
+                                        batch_size=cfg.batch_size)
             kinds[name] = kind
+            if kind in ("pretrained", "expert"):
+                states[name] = {k: v.clone() for k, v in model.state_dict().items()}
         experts = [n for n, k in kinds.items() if k == "expert"]
         for logits in (test_logits, val_logits):
             logits["ensemble"] = torch.stack([logits[n] for n in experts]).mean(0)
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, logits in test_logits.items():
             temperature = fit_temperature(val_logits[name], data.y_val)
             report = {k: r6(v) for k, v in classification_report(logits, y, n_bins, temperature).items()}
+            report.update({k: r6(v) for k, v in probes.get(name, {}).items()})
             class_acc = per_class_accuracy(logits, y, c)
             class_rows += [{"model": name, "class": data.meta["classes"][i], "accuracy": r6(a)}
                            for i, a in enumerate(class_acc.tolist())]
@@ -98,11 +112,17 @@ def main(argv: list[str] | None = None) -> None:
         }
         if merged_names:
             summary["best_merged_by_val"] = max(merged_names, key=lambda n: val_acc[n])
-        metrics = {"test": models, "summary": summary}
+        gap_rows = merge_gap_rows(models, experts, merged_names)
+        pair_rows, curve_rows = pair_diagnostics(model, states, experts, data, cfg)
+        metrics = {"test": models, "summary": summary, "pairs": pair_rows}
 
         write_json(layout.METRICS, metrics)
         write_csv(layout.MODELS_CSV, rows, ["model", "kind", "accuracy", "nll", "ece", "brier", "temperature",
-                                            "nll_scaled", "ece_scaled"])
+                                            "nll_scaled", "ece_scaled", "probe_accuracy", "knn_accuracy"])
+        write_csv(layout.MERGE_GAP_CSV, gap_rows, list(gap_rows[0]) if gap_rows else ["merger"])
+        write_csv(layout.PAIRS_CSV, pair_rows, list(pair_rows[0]) if pair_rows else ["expert_a"])
+        write_csv(layout.INTERPOLATION_CSV, curve_rows, ["pair", "t", "loss", "accuracy"])
+        plots.interpolation_chart(curve_rows, layout.INTERPOLATION_PNG)
         write_csv(layout.PER_CLASS_CSV, class_rows, ["model", "class", "accuracy"])
         write_csv(layout.SHARDS_CSV, shard_rows, ["model", "shard", "accuracy"])
         write_csv(layout.RELIABILITY_CSV, rel_rows, ["model", "bin", "confidence", "accuracy", "count"])
@@ -111,16 +131,51 @@ def main(argv: list[str] | None = None) -> None:
         plots.reliability_diagram({n: curves[n] for n in shown}, layout.RELIABILITY_PNG)
 
         outs = [layout.METRICS, layout.MODELS_CSV, layout.SHARDS_CSV, layout.RELIABILITY_CSV, layout.PER_CLASS_CSV,
-                layout.COMPARISON_PNG, layout.RELIABILITY_PNG]
+                layout.MERGE_GAP_CSV, layout.PAIRS_CSV, layout.INTERPOLATION_CSV,
+                layout.COMPARISON_PNG, layout.RELIABILITY_PNG, layout.INTERPOLATION_PNG]
         tracker.record_outputs(outs)
         flat = {f"{n}.{k}": v for n, m in models.items() for k, v in m.items() if isinstance(v, float)}
         flat.update({f"{n}.{s}": a for n, m in models.items() for s, a in m["shard_accuracy"].items()})
+        flat.update({f"pair.{r['expert_a']}.{r['expert_b']}.{k}": v for r in pair_rows for k, v in r.items()
+                     if isinstance(v, float)})
         tracker.log_metrics(flat)
         tracker.log_artifacts(outs)
         if merged_names:
             _alias_best(tracker, producers, summary["best_merged_by_val"])
 
     print_table(rows)
+
+
+def merge_gap_rows(models: dict, experts: list[str], merged: list[str]) -> list[dict]:
+    """Per merger and split (the test split, then each shard's label distribution): merged
+    minus the best expert there, and the ensemble minus merged."""
+    splits = [("test", lambda n: models[n]["accuracy"])]
+    splits += [(s, lambda n, s=s: models[n]["shard_accuracy"][s]) for s in models[experts[0]]["shard_accuracy"]]
+    rows = []
+    for name in merged:
+        for split, acc in splits:
+            best = max(experts, key=acc)
+            rows.append({"merger": name, "split": split, "merged": acc(name), "best_expert": best,
+                         "best_expert_accuracy": acc(best), "ensemble": acc("ensemble"),
+                         "merged_minus_best_expert": r6(acc(name) - acc(best)),
+                         "ensemble_minus_merged": r6(acc("ensemble") - acc(name))})
+    return rows
+
+
+def pair_diagnostics(model, states: dict, experts: list[str], data, cfg) -> tuple[list[dict], list[dict]]:
+    """Interpolation barrier, task-vector cosine and sign conflicts for every pair of experts."""
+    recal = data.x_train if has_batchnorm(model) else None
+    pair_rows, curve_rows = [], []
+    for a, b in itertools.combinations(experts, 2):
+        curve = interpolation_curve(model, states[a], states[b], cfg.interpolation_points, data.x_test,
+                                    data.y_test, recal, cfg.batch_size)
+        pair = f"{a}~{b}"
+        curve_rows += [{"pair": pair, **{k: r6(v) for k, v in r.items()}} for r in curve]
+        pair_rows.append({"expert_a": a, "expert_b": b,
+                          "task_vector_cosine": r6(task_vector_cosine(states[a], states[b], states["pretrained"])),
+                          "sign_conflicts": r6(sign_conflict_share(states[a], states[b], states["pretrained"])),
+                          **{k: r6(v) for k, v in barriers(curve).items()}})
+    return pair_rows, curve_rows
 
 
 def _alias_best(tracker: Tracker, producers: dict[str, str], best: str) -> None:
@@ -135,10 +190,11 @@ def _alias_best(tracker: Tracker, producers: dict[str, str], best: str) -> None:
 
 def print_table(rows: list[dict]) -> None:
     """The table on stdout (also printed by `python -m pipeline.report`)."""
-    print(f"{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}{'brier':>9}{'ece(T)':>9}")
+    print(f"{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}{'brier':>9}{'ece(T)':>9}{'probe':>9}{'kNN':>9}")
     for r in rows:
         print(f"{r['model']:<18}{r['kind']:<12}" + "".join(
-            f"{float(r[k]):>9.4f}" for k in ("accuracy", "nll", "ece", "brier", "ece_scaled")))
+            f"{float(r[k]):>9.4f}" if r.get(k, "") != "" else f"{'-':>9}"
+            for k in ("accuracy", "nll", "ece", "brier", "ece_scaled", "probe_accuracy", "knn_accuracy")))
 
 
 if __name__ == "__main__":

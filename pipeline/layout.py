@@ -8,6 +8,7 @@ PREPARED = Path("data/prepared")
 DATASET = PREPARED / "dataset.safetensors"
 MANIFEST = PREPARED / "partition.json"
 PARTITION_PNG = PREPARED / "partition.png"
+PARTITION_CARD = PREPARED / "partition_card.md"
 
 PRETRAIN = Path("data/pretrain")
 PRETRAINED = PRETRAIN / "model.safetensors"
@@ -36,5 +37,9 @@ MODELS_CSV = RESULTS / "models.csv"
 SHARDS_CSV = RESULTS / "per_shard.csv"
 RELIABILITY_CSV = RESULTS / "reliability.csv"
 PER_CLASS_CSV = RESULTS / "per_class.csv"
+MERGE_GAP_CSV = RESULTS / "merge_gap.csv"
+PAIRS_CSV = RESULTS / "pairs.csv"
+INTERPOLATION_CSV = RESULTS / "interpolation.csv"
 COMPARISON_PNG = RESULTS / "comparison.png"
 RELIABILITY_PNG = RESULTS / "reliability.png"
+INTERPOLATION_PNG = RESULTS / "interpolation.png"

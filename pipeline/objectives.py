@@ -1,5 +1,6 @@
-"""Pretraining objectives. Each registered builder returns an nn.Module whose
-``forward(model, x, y, g) -> loss`` trains ``model`` (it may own extra heads, e.g. a projector).
+"""Pretraining objectives. Each registered builder ``(model, example_batch, temperature)``
+returns an nn.Module whose ``forward(model, x, y, g) -> loss`` trains ``model`` (it may own
+extra heads, e.g. a projector). Randomness comes from the generator ``g``.
 
 ``trains_classifier`` says whether the objective fits the model's classifier; when it
 does not (self-supervised), pretrain fits a linear probe on frozen features afterwards.
@@ -58,11 +59,178 @@ class SimCLR(nn.Module):
         return nt_xent(z1, z2, self.temperature)
 
 
+def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss (L_out of Khosla et al. 2020): for each anchor i, the mean
+    over its positives p (same label, p != i) of -log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t)),
+    averaged over anchors that have a positive."""
+    z = F.normalize(z, dim=1)
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim.masked_fill(self_mask, float("-inf")).log_softmax(1)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positive.sum(1)
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0)).sum(1) / count.clamp(min=1)
+    has = count > 0
+    return (per_anchor * has).sum() / has.sum().clamp(min=1)
+
+
+def _projector(dim_in: int, dim_out: int = 64) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(inplace=True), nn.Linear(dim_in, dim_out))
+
+
+class SupCon(nn.Module):
+    """SupCon: Khosla et al. 2020, "Supervised Contrastive Learning". Two views per image; all
+    views with the same label are positives of one another."""
+
+    trains_classifier = False
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.temperature, self.projector = temperature, _projector(model.feature_dim)
+
+    def forward(self, model, x, y, g):
+        v = torch.cat([contrastive_view(x, g), contrastive_view(x, g)])
+        return supcon(self.projector(model.features(v)), torch.cat([y, y]), self.temperature)
+
+
+class SelfCon(nn.Module):
+    """SelfCon: Bae et al. 2023, "Self-Contrastive Learning: Single-viewed Supervised Contrastive
+    Framework using Sub-network" (AAAI). One view per image; the sub-network exit (the middle
+    of model.mix_layers(), pooled, with its own projector) and the last layer's output are the
+    two embeddings, contrasted with SupCon's loss. (The paper's sub-network adds conv blocks
+    of its own at the exit; here the exit is pooled features with an MLP projector.)"""
+
+    trains_classifier = False
+
+    def __init__(self, model: nn.Module, temperature: float, example: torch.Tensor):
+        super().__init__()
+        self.temperature = temperature
+        self.exit_index = len(model.mix_layers()) // 2  # an index: holding the module would register it twice
+        with torch.no_grad():
+            channels = self._exit_features(model, example[:2])[1].shape[1]
+        self.sub_projector = _projector(channels)
+        self.projector = _projector(model.feature_dim)
+
+    def _exit_features(self, model, x):
+        captured = []
+        handle = model.mix_layers()[self.exit_index].register_forward_hook(lambda _, __, out: captured.append(out))
+        try:
+            h = model.features(x)
+        finally:
+            handle.remove()
+        return h, captured[0].mean(dim=(2, 3))
+
+    def forward(self, model, x, y, g):
+        h, mid = self._exit_features(model, contrastive_view(x, g))
+        z = torch.cat([self.sub_projector(mid), self.projector(h)])
+        return supcon(z, torch.cat([y, y]), self.temperature)
+
+
+class MixCo(SimCLR):
+    """MixCo: Kim et al. 2020, "MixCo: Mix-up Contrastive Learning for Visual Representation".
+    SimCLR plus a mixed-sample term: a mix lam * v1_i + (1 - lam) * v1_(i-1), lam ~ U(0, 1),
+    is contrasted against the clean second views with soft targets lam on view i and
+    1 - lam on view i - 1 (weight 1, same temperature)."""
+
+    def forward(self, model, x, y, g):
+        v1, v2 = contrastive_view(x, g), contrastive_view(x, g)
+        lam = torch.rand((), generator=g, device=x.device)
+        mixed = lam * v1 + (1 - lam) * v1.roll(1, 0)
+        z1, z2, zm = self.projector(model.features(torch.cat([v1, v2, mixed]))).chunk(3)
+        logits = F.normalize(zm, dim=1) @ F.normalize(z2, dim=1).T / self.temperature
+        n = len(x)
+        eye = torch.eye(n, device=x.device)
+        target = lam * eye + (1 - lam) * eye.roll(1, 0)  # row i: lam at i, 1 - lam at i - 1
+        mix_loss = -(target * logits.log_softmax(1)).sum(1).mean()
+        return nt_xent(z1, z2, self.temperature) + mix_loss
+
+
+def batch_standardise(z: torch.Tensor) -> torch.Tensor:
+    return (z - z.mean(0)) / z.std(0, unbiased=False).clamp(min=1e-6)
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal: float) -> torch.Tensor:
+    """Zbontar et al. 2021: C = z1n^T z2n / N on batch-standardised embeddings;
+    sum_i (1 - C_ii)^2 + off_diagonal * sum_{i != j} C_ij^2."""
+    c = batch_standardise(z1).T @ batch_standardise(z2) / len(z1)
+    on = (1 - c.diagonal()).pow(2).sum()
+    off = c.pow(2).sum() - c.diagonal().pow(2).sum()
+    return on + off_diagonal * off
+
+
+class BarlowTwins(nn.Module):
+    """Barlow Twins: Zbontar, Jing, Misra, LeCun & Deny 2021, "Barlow Twins: Self-Supervised
+    Learning via Redundancy Reduction". The cross-correlation of two views' embeddings is
+    pushed to the identity; off-diagonal weight 5e-3 as in the paper."""
+
+    trains_classifier = False
+    off_diagonal = 5e-3
+
+    def __init__(self, model: nn.Module, projection_dim: int = 128):
+        super().__init__()
+        d = model.feature_dim
+        self.projector = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
+                                       nn.Linear(d, projection_dim))
+
+    def embed(self, model, views):
+        return self.projector(model.features(torch.cat(views))).chunk(len(views))
+
+    def forward(self, model, x, y, g):
+        z1, z2 = self.embed(model, [contrastive_view(x, g), contrastive_view(x, g)])
+        return barlow_twins_loss(z1, z2, self.off_diagonal)
+
+
+class MixedBarlowTwins(BarlowTwins):
+    """Mixed Barlow Twins: Bandara et al. 2023, "Guarding Barlow Twins Against Overfitting with
+    Mixed Samples". A mix m = lam * v1 + (1 - lam) * v2 shuffled (lam ~ U(0, 1)); by linearity
+    its cross-correlation with each view should be the same mix of the views' correlations:
+    C(m, a) ~ lam C(a, a) + (1 - lam) C(b_shuffled, a), and likewise against b. The squared
+    deviations, weighted like the off-diagonal terms, are added to the Barlow Twins loss."""
+
+    def forward(self, model, x, y, g):
+        v1, v2 = contrastive_view(x, g), contrastive_view(x, g)
+        lam = torch.rand((), generator=g, device=x.device)
+        perm = torch.randperm(len(x), generator=g, device=x.device)
+        za, zb, zm = self.embed(model, [v1, v2, lam * v1 + (1 - lam) * v2[perm]])
+        a, b, m = batch_standardise(za), batch_standardise(zb), batch_standardise(zm)
+        n = len(x)
+        reg = 0.0
+        for target in (a, b):
+            expected = (lam * a + (1 - lam) * b[perm]).T @ target / n
+            reg = reg + (m.T @ target / n - expected).pow(2).sum()
+        return barlow_twins_loss(za, zb, self.off_diagonal) + self.off_diagonal * reg
+
+
 @OBJECTIVES.register("supervised")
-def supervised(feature_dim: int, temperature: float) -> nn.Module:
+def supervised(model: nn.Module, example: torch.Tensor, temperature: float) -> nn.Module:
     return Supervised()
 
 
 @OBJECTIVES.register("simclr")
-def simclr(feature_dim: int, temperature: float) -> nn.Module:
-    return SimCLR(feature_dim, temperature)
+def simclr(model: nn.Module, example: torch.Tensor, temperature: float) -> nn.Module:
+    return SimCLR(model.feature_dim, temperature)
+
+
+@OBJECTIVES.register("supcon")
+def supcon_objective(model: nn.Module, example: torch.Tensor, temperature: float) -> nn.Module:
+    return SupCon(model, temperature)
+
+
+@OBJECTIVES.register("selfcon")
+def selfcon(model: nn.Module, example: torch.Tensor, temperature: float) -> nn.Module:
+    return SelfCon(model, temperature, example)
+
+
+@OBJECTIVES.register("mixco")
+def mixco(model: nn.Module, example: torch.Tensor, temperature: float) -> nn.Module:
+    return MixCo(model.feature_dim, temperature)
+
+
+@OBJECTIVES.register("barlow_twins")
+def barlow_twins(model: nn.Module, example: torch.Tensor, temperature: float) -> nn.Module:
+    return BarlowTwins(model)
+
+
+@OBJECTIVES.register("mixed_barlow_twins")
+def mixed_barlow_twins(model: nn.Module, example: torch.Tensor, temperature: float) -> nn.Module:
+    return MixedBarlowTwins(model)

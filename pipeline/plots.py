@@ -64,3 +64,17 @@ def reliability_diagram(curves: dict[str, dict[str, np.ndarray]], path: str | Pa
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def interpolation_chart(rows: list[dict], path: str | Path) -> None:
+    """Test loss and accuracy along the straight line between each pair of experts."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        pts = [r for r in rows if r["pair"] == pair]
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            ax.plot([r["t"] for r in pts], [r[key] for r in pts], marker="o", ms=3, lw=1, label=pair)
+    for ax, key in zip(axes, ("test loss", "test accuracy")):
+        ax.set_xlabel("interpolation t (0 = first expert, 1 = second)")
+        ax.set_title(key, fontsize=9)
+    axes[1].legend(fontsize=6)
+    _save(fig, path)

@@ -6,13 +6,14 @@ histogram per shard, content hash) and a heatmap of labels per shard.
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
 from pipeline import cli, config, layout, plots
-from pipeline.checkpoints import md5, save_tensors, write_json
+from pipeline.checkpoints import atomic_write, md5, save_tensors, write_json
 from pipeline.datasets import DATASETS, Images
 from pipeline.partition import PARTITIONERS, label_histograms, partition_hash
 from pipeline.tracking import Tracker
@@ -36,6 +37,39 @@ def heterogeneity(hist: np.ndarray) -> float:
     p = hist / hist.sum(1, keepdims=True).clip(min=1)
     q = hist.sum(0) / hist.sum()
     return float(0.5 * np.abs(p - q).sum(1).mean())
+
+
+def effective_classes(row: np.ndarray) -> float:
+    """exp(entropy) of a shard's label distribution: how many equally common classes it is worth."""
+    p = row[row > 0] / max(row.sum(), 1)
+    return float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0
+
+
+def partition_card(manifest: dict) -> str:
+    """A one-page Markdown summary of the partition: what drew it, and each shard's labels."""
+    classes = manifest["classes"]
+    hist = np.array([s["label_histogram"] for s in manifest["shards"]])
+    total = hist.sum(1)
+    q = hist.sum(0) / hist.sum()
+    lines = [
+        f"# Partition card: {manifest['dataset']}, {manifest['method']}, K = {manifest['num_shards']}",
+        "",
+        f"- options: {json.dumps(manifest['options'])}; seed {manifest['seed']}; content hash `{manifest['content_hash']}`",
+        f"- heterogeneity (mean total-variation distance to the global label distribution; 0 = IID): "
+        f"{manifest['heterogeneity']:.3f}",
+        f"- effective classes per shard (exp entropy; {len(classes)} = all classes equally): "
+        f"mean {np.mean([effective_classes(r) for r in hist]):.2f}",
+        f"- shard sizes: {total.tolist()} (smallest/largest {total.min() / max(total.max(), 1):.2f})",
+        "- the same partition is redrawn from this seed and these options; `indices` in partition.json list it",
+        "",
+        "| shard | size | effective classes | TV to global | " + " | ".join(map(str, classes)) + " |",
+        "|---|---|---|---|" + "---|" * len(classes),
+    ]
+    for i, row in enumerate(hist):
+        tv = 0.5 * np.abs(row / max(row.sum(), 1) - q).sum()
+        lines.append(f"| {i} | {row.sum()} | {effective_classes(row):.2f} | {tv:.3f} | "
+                     + " | ".join(str(int(v)) for v in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         write_json(layout.MANIFEST, manifest)
         title = f"{cfg.dataset}: {part.method} partition, K={k}, heterogeneity {manifest['heterogeneity']:.3f}"
         plots.partition_heatmap(hist, raw.classes, title, layout.PARTITION_PNG)
-        outs = [layout.DATASET, layout.MANIFEST, layout.PARTITION_PNG]
+        atomic_write(layout.PARTITION_CARD, partition_card(manifest).encode())
+        outs = [layout.DATASET, layout.MANIFEST, layout.PARTITION_PNG, layout.PARTITION_CARD]
         tracker.record_outputs(outs)
         tracker.log_dataset(cfg.dataset, layout.DATASET, md5(layout.DATASET), "prepared")
         tracker.log_metrics({
@@ -109,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             **{f"shard_size.{i}": len(s) for i, s in enumerate(shards)},
             "train_size": len(train.y), "val_size": len(val.y), "test_size": len(test.y),
         })
-        tracker.log_artifacts([layout.MANIFEST, layout.PARTITION_PNG])
+        tracker.log_artifacts([layout.MANIFEST, layout.PARTITION_PNG, layout.PARTITION_CARD])
     print(f"prepare: {cfg.dataset} train/val/test = {len(train.y)}/{len(val.y)}/{len(test.y)}, "
           f"{k} shards ({part.method}), sizes {[len(s) for s in shards]}, heterogeneity {manifest['heterogeneity']:.3f}")
 

@@ -1,4 +1,4 @@
-"""Stage pretrain: train a backbone on the whole training split (supervised or SimCLR).
+"""Stage pretrain: train a backbone on the whole training split (supervised or self-supervised).
 
 A self-supervised objective leaves the classifier untrained, so a linear probe (the
 classifier alone, on frozen features) is fitted afterwards; its validation accuracy is
@@ -15,6 +15,7 @@ from pipeline.checkpoints import md5, save_tensors, write_csv, write_json
 from pipeline.metrics import accuracy
 from pipeline.models import build
 from pipeline.objectives import OBJECTIVES
+from pipeline.probes import probe_scores
 from pipeline.progress import Progress
 from pipeline.stage_io import architecture, load_prepared
 from pipeline.tracking import Tracker
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         model = build(cfg.arch, arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        objective = OBJECTIVES[cfg.method](feature_dim=model.feature_dim, temperature=cfg.temperature).to(device)
+        objective = OBJECTIVES[cfg.method](model, data.x_train[:2], cfg.temperature).to(device)
         g = cli.generator(base.seed, device)
         progress = Progress(f"pretrain[{cfg.method}]", cfg.epochs)
         x, y = data.x_train, data.y_train
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         if not objective.trains_classifier:
             linear_probe(model, x, y, data.num_classes, cfg.probe_epochs, g, device)
         val_acc = accuracy(predict_logits(model, data.x_val), data.y_val)
+        representation = probe_scores(model, x, y, data.x_val, data.y_val)
 
         metadata = {
             "stage": "pretrain",
@@ -72,14 +74,16 @@ def main(argv: list[str] | None = None) -> None:
         save_tensors(layout.PRETRAINED, model.state_dict(), metadata)
         write_csv(layout.PRETRAIN_HISTORY, [{"epoch": i + 1, "loss": round(v, 6)} for i, v in enumerate(history)],
                   ["epoch", "loss"])
-        metrics = {"val_accuracy": round(val_acc, 6), "final_loss": round(history[-1], 6)}
+        metrics = {"val_accuracy": round(val_acc, 6), "final_loss": round(history[-1], 6),
+                   **{f"val_{k}": round(v, 6) for k, v in representation.items()}}
         write_json(layout.PRETRAIN_METRICS, metrics)
         tracker.log_history({"loss": history})
         tracker.log_metrics(metrics)
         tracker.record_outputs([layout.PRETRAINED, layout.PRETRAIN_HISTORY, layout.PRETRAIN_METRICS])
         tracker.log_artifacts([layout.PRETRAIN_HISTORY, layout.PRETRAIN_METRICS])
     print(f"pretrain: {cfg.method} {cfg.arch}, {cfg.epochs} epochs, val accuracy {val_acc:.4f}"
-          f"{' (linear probe)' if not objective.trains_classifier else ''}; inputs from {sorted(set(producers.values()))}")
+          f"{' (linear probe)' if not objective.trains_classifier else ''}, sklearn probe "
+          f"{representation['probe_accuracy']:.4f}, kNN {representation['knn_accuracy']:.4f}; inputs from {sorted(set(producers.values()))}")
 
 
 if __name__ == "__main__":

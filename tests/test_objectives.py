@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import SmallCNN
-from pipeline.objectives import OBJECTIVES, nt_xent
+from pipeline.objectives import OBJECTIVES, barlow_twins_loss, batch_standardise, nt_xent, supcon
 
 
 def nt_xent_loop(z1, z2, t):
@@ -35,8 +35,60 @@ def test_each_objective_gives_a_finite_differentiable_loss():
     model = SmallCNN(1, 10, 4)
     x, y, g = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,)), torch.Generator().manual_seed(0)
     for name in OBJECTIVES.names():
-        obj = OBJECTIVES[name](feature_dim=model.feature_dim, temperature=0.5)
+        model.zero_grad()
+        obj = OBJECTIVES[name](model, x, 0.5)
         loss = obj(model, x, y, g)
         loss.backward()
         assert torch.isfinite(loss)
         assert any(p.grad is not None for p in model.body.parameters())
+
+
+def supcon_loop(z, labels, t):
+    """SupCon's L_out (Khosla et al. 2020, eq. 2) term by term."""
+    z = F.normalize(z, dim=1)
+    total, anchors = 0.0, 0
+    for i in range(len(z)):
+        positives = [p for p in range(len(z)) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue
+        den = sum(math.exp(float(z[i] @ z[a]) / t) for a in range(len(z)) if a != i)
+        total += -sum(math.log(math.exp(float(z[i] @ z[p]) / t) / den) for p in positives) / len(positives)
+        anchors += 1
+    return total / anchors
+
+
+def test_supcon_matches_the_definition_and_reduces_to_nt_xent_with_unique_labels():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(8, 4, generator=g)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2])
+    assert abs(supcon(z, labels, 0.3).item() - supcon_loop(z, labels, 0.3)) < 1e-5
+    # every image its own class, two views each: SupCon is exactly SimCLR's NT-Xent
+    z1, z2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    ids = torch.arange(5)
+    assert torch.allclose(supcon(torch.cat([z1, z2]), torch.cat([ids, ids]), 0.5), nt_xent(z1, z2, 0.5), atol=1e-6)
+
+
+def test_barlow_twins_loss_matches_the_definition():
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g)
+    a, b = batch_standardise(z1), batch_standardise(z2)
+    c = [[float((a[:, i] * b[:, j]).sum()) / 16 for j in range(3)] for i in range(3)]
+    expected = sum((1 - c[i][i]) ** 2 for i in range(3)) + 0.1 * sum(
+        c[i][j] ** 2 for i in range(3) for j in range(3) if i != j)
+    assert abs(barlow_twins_loss(z1, z2, 0.1).item() - expected) < 1e-5
+    # decorrelated, identical embeddings: C is the identity and the loss is zero
+    q, _ = torch.linalg.qr(torch.randn(16, 3, generator=g) - 0)
+    q = batch_standardise(q - q.mean(0))
+    assert barlow_twins_loss(q, q, 1.0).item() < 0.2
+
+
+def test_selfcon_contrasts_the_sub_network_exit_with_the_last_layer():
+    model = SmallCNN(1, 10, 4)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    obj = OBJECTIVES["selfcon"](model, x, 0.5)
+    assert obj.exit_index == 1
+    assert not set(map(id, obj.parameters())) & set(map(id, model.parameters())), "no shared parameters"
+    assert obj.sub_projector[0].in_features == 8  # the middle block's channels (2 x width)
+    obj(model, x, y, torch.Generator().manual_seed(0)).backward()
+    assert model.body[0][0].weight.grad is not None and obj.sub_projector[0].weight.grad is not None
+    assert model.body[3][0].weight.grad is not None, "the last block trains through the main exit"
