@@ -169,7 +169,7 @@ class MergeConfig(Strict):
     align: Literal["none", "weight_matching"] = "none"  # permutation alignment before every merger
     bn_recalibration: bool = True
     bn_batch_size: PositiveInt = 256
-    registered_model: str = Field("mixmerge-merged", min_length=1)
+    registered_model: str | None = Field("mixmerge-merged", min_length=1)  # null: register nothing (sweeps)
 
     @field_validator("mergers", mode="before")
     @classmethod

@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         outs = [layout.MERGED / f"{name}.safetensors" for name in cfg.mergers]
         tracker.record_outputs(outs)
         tracker.log_metrics({f"val_accuracy.{n}": a for n, a in val_acc.items()})
-        for name, path in zip(cfg.mergers, outs):
-            register(tracker, name, path, metas[name], cfg.registered_model)
+        if cfg.registered_model:
+            for name, path in zip(cfg.mergers, outs):
+                register(tracker, name, path, metas[name], cfg.registered_model)
     table = ", ".join(f"{n} {a:.4f}" for n, a in val_acc.items())
     print(f"merge: {len(experts)} experts -> {len(val_acc)} merged models (BN recomputed: {recal}); val accuracy {table}")
 

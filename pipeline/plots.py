@@ -78,3 +78,19 @@ def interpolation_chart(rows: list[dict], path: str | Path) -> None:
         ax.set_title(key, fontsize=9)
     axes[1].legend(fontsize=6)
     _save(fig, path)
+
+
+def accuracy_heatmap(rows: list[str], columns: list[str], values: np.ndarray, title: str, path: str | Path) -> None:
+    """A table of mean accuracies as a heatmap, each cell annotated (sweep summaries)."""
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(columns), 1.0 + 0.4 * len(rows)))
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize=6,
+                        color="white" if values[i, j] < np.nanmean(values) else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    _save(fig, path)

@@ -1,0 +1,238 @@
+"""A study: a grid of parameter overrides, each cell a whole pipeline run, run concurrently.
+
+Each cell gets its own folder ``sweeps/<grid>/<cell>/`` with its params.yaml and runs every
+stage there in one process (flows.sweep_cell). All cells record into one MLflow experiment,
+``mixmerge-sweep-<grid>``: a parent run per cell (its params say which cell) with the stage
+runs under it. At the end the flow writes ``summary.csv``, ``summary.md`` (test accuracy,
+mean +- std over seeds) and ``summary.png``, and logs them to that experiment.
+
+A cell whose folder already holds results for the same params is not run again, so an
+interrupted sweep resumes; a folder holding other params is refused, never overwritten.
+
+Run: python -m flows.sweep [--grid default|smoke] [--workers 2]
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from bench.workspace import set_key
+
+REPO = Path(__file__).resolve().parents[1]
+EXIT_BAD_CONFIG = 2
+
+# Every merger that takes K = 4 experts (slerp merges exactly two), with params.yaml's options.
+ALL_MERGERS = {
+    "uniform": {"method": "uniform"},
+    "fedavg": {"method": "fedavg"},
+    "task_arithmetic": {"method": "task_arithmetic", "scale": 0.5},
+    "ties": {"method": "ties", "density": 0.2, "scale": 1.0},
+    "dare": {"method": "dare", "density": 0.5, "scale": 0.5},
+    "dare_ties": {"method": "dare_ties", "density": 0.5, "scale": 1.0},
+    "breadcrumbs": {"method": "breadcrumbs", "density": 0.9, "outliers": 0.01, "scale": 0.5},
+    "model_stock": {"method": "model_stock"},
+    "pcb": {"method": "pcb", "density": 0.2, "scale": 1.0},
+    "fisher": {"method": "fisher"},
+    "regmean": {"method": "regmean"},
+    "greedy_soup": {"method": "greedy_soup"},
+}
+
+PARTITIONS = {
+    "dirichlet0.1": {"prepare.partition.method": "dirichlet", "prepare.partition.alpha": 0.1},
+    "dirichlet1.0": {"prepare.partition.method": "dirichlet", "prepare.partition.alpha": 1.0},
+    "iid": {"prepare.partition.method": "iid"},
+}
+
+# grid name -> (axes: name -> {label: overrides}, overrides shared by every cell)
+GRIDS: dict[str, tuple[dict[str, dict[str, dict]], dict]] = {
+    "default": (
+        {
+            "mixer": {m: {"mix_train.mixer": m} for m in ("none", "mixup", "cutmix")},
+            "partition": PARTITIONS,
+            "seed": {str(s): {"base.seed": s} for s in (0, 1, 2)},
+        },
+        {"merge.mergers": ALL_MERGERS, "merge.registered_model": None},
+    ),
+    # a few seconds per cell: for tests and for trying the sweep machinery
+    "smoke": (
+        {
+            "mixer": {m: {"mix_train.mixer": m} for m in ("none", "mixup")},
+            "partition": {"iid": {"prepare.partition.method": "iid"}},
+            "seed": {str(s): {"base.seed": s} for s in (0, 1)},
+        },
+        {"base.shards": [0, 1], "pretrain.epochs": 2, "pretrain.width": 8, "mix_train.epochs": 2,
+         "evaluate.interpolation_points": 3, "merge.registered_model": None,
+         "merge.mergers": {"fedavg": {"method": "fedavg"}, "ties": {"method": "ties"},
+                           "greedy_soup": {"method": "greedy_soup"}}},
+    ),
+}
+
+
+def cells(grid: str) -> list[tuple[str, dict[str, str], dict]]:
+    """(cell name, {axis: label}, params) for every combination of the grid's axes."""
+    axes, shared = GRIDS[grid]
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in shared.items():
+        set_key(base, key, copy.deepcopy(value))
+    out = []
+    for combo in itertools.product(*[list(v.items()) for v in axes.values()]):
+        params = copy.deepcopy(base)
+        labels = {}
+        for axis, (label, overrides) in zip(axes, combo):
+            labels[axis] = label
+            for key, value in overrides.items():
+                set_key(params, key, copy.deepcopy(value))
+        out.append(("_".join(f"{a}-{lab}" for a, lab in labels.items()), labels, params))
+    return out
+
+
+class CellFolderInUse(RuntimeError):
+    pass
+
+
+def prepare_cell(cell_dir: Path, params: dict) -> bool:
+    """Write the cell's params; True if it still has to run (False: its results are there)."""
+    text = yaml.safe_dump(params, sort_keys=False)
+    params_file = cell_dir / "params.yaml"
+    if params_file.exists():
+        if params_file.read_text() != text:
+            raise CellFolderInUse(f"{cell_dir} holds a run with other params; remove it or sweep into another --out")
+        return not (cell_dir / "results" / "metrics.json").exists()
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    params_file.write_text(text)
+    return True
+
+
+@task(retries=1, retry_condition_fn=lambda t, r, state: not isinstance(state.result(raise_on_failure=False), ValueError),
+      task_run_name="{name}")
+def run_cell(name: str, cell_dir: str, env: dict[str, str]) -> str:
+    with open(Path(cell_dir) / "log.txt", "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "flows.sweep_cell", cell_dir], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode == EXIT_BAD_CONFIG:
+        raise ValueError(f"{name}: bad configuration (see {cell_dir}/log.txt)")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: exited with {proc.returncode} (see {cell_dir}/log.txt)")
+    return name
+
+
+def _cell_env(experiment: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(REPO / 'mlflow.db').resolve()}")
+    env["MIXMERGE_EXPERIMENT"] = experiment
+    env.pop("MIXMERGE_PARENT_RUN_ID", None)  # each cell is its own pipeline run
+    return env
+
+
+def summarise(grid: str, out: Path, done: list[tuple[str, dict[str, str]]]) -> list[dict]:
+    """Test accuracy per (partition, mixer) and model: mean and std over the seed axis."""
+    import json
+
+    import numpy as np
+
+    from pipeline import plots
+
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for name, labels in done:
+        metrics = json.loads((out / name / "results" / "metrics.json").read_text())
+        key = tuple((a, lab) for a, lab in labels.items() if a != "seed")
+        acc = groups.setdefault(key, {})
+        summary = metrics["summary"]
+        acc.setdefault("mean expert", []).append(summary["mean_expert_accuracy"])
+        acc.setdefault("best expert", []).append(summary["best_expert_accuracy"])
+        acc.setdefault("ensemble", []).append(summary["ensemble_accuracy"])
+        for model, m in metrics["test"].items():
+            if model in summary["merge_gap"]:
+                acc.setdefault(model, []).append(m["accuracy"])
+    columns = list(dict.fromkeys(c for g in groups.values() for c in g))
+    rows = []
+    for key, acc in groups.items():
+        row = {a: lab for a, lab in key}
+        for c in columns:
+            vals = acc.get(c, [])
+            row[f"{c} mean"] = round(statistics.fmean(vals), 4) if vals else ""
+            row[f"{c} std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
+            row["seeds"] = len(vals)
+        rows.append(row)
+    keys = [a for a, _ in next(iter(groups))] if groups else []
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys + ["seeds"] + [f"{c} {s}" for c in columns for s in ("mean", "std")])
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"| {' | '.join(keys)} | " + " | ".join(columns) + " |", "|" + "---|" * (len(keys) + len(columns))]
+    for r in rows:
+        lines.append("| " + " | ".join(r[k] for k in keys) + " | " + " | ".join(
+            f"{r[f'{c} mean']:.3f} ± {r[f'{c} std']:.3f}" for c in columns) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    values = np.array([[r[f"{c} mean"] if r[f"{c} mean"] != "" else np.nan for c in columns] for r in rows], dtype=float)
+    plots.accuracy_heatmap([" ".join(r[k] for k in keys) for r in rows], columns, values,
+                           f"sweep {grid}: test accuracy, mean over seeds", out / "summary.png")
+    return rows
+
+
+def _log_summary(experiment: str, grid: str, out: Path, n_cells: int) -> None:
+    import mlflow
+
+    from pipeline.tracking import ensure_experiment
+
+    client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(REPO / 'mlflow.db').resolve()}")
+    os.environ["MIXMERGE_EXPERIMENT"] = experiment
+    try:
+        exp_id = ensure_experiment(client, REPO)
+    finally:
+        os.environ.pop("MIXMERGE_EXPERIMENT", None)
+    run = client.create_run(exp_id, run_name=f"sweep-{grid}-summary", tags={"mixmerge.sweep": grid})
+    client.log_param(run.info.run_id, "cells", n_cells)
+    for f in ("summary.csv", "summary.md", "summary.png"):
+        client.log_artifact(run.info.run_id, str(out / f))
+    client.set_terminated(run.info.run_id)
+
+
+@flow(name="mixmerge-sweep", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+def mixmerge_sweep(grid: str = "default", workers: int = 2, out_dir: str = "sweeps") -> dict:
+    """Run every cell of ``grid`` (at most ``workers`` at once) and summarise over seeds."""
+    logger = get_run_logger()
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    out = (REPO / out_dir / grid).resolve()
+    experiment = f"mixmerge-sweep-{grid}"
+    env = _cell_env(experiment)
+    all_cells = cells(grid)
+    todo = [(n, lab) for n, lab, p in all_cells if prepare_cell(out / n, p)]
+    logger.info(f"{len(all_cells)} cells, {len(all_cells) - len(todo)} already done, {len(todo)} to run")
+    failed = []
+    for start in range(0, len(todo), workers):  # at most `workers` cell processes at a time
+        futures = [run_cell.submit(n, str(out / n), env) for n, _ in todo[start : start + workers]]
+        for (n, _), fut in zip(todo[start : start + workers], futures):
+            fut.wait()
+            if not fut.state.is_completed():
+                failed.append(n)
+    done = [(n, lab) for n, lab, _ in all_cells if (out / n / "results" / "metrics.json").exists()]
+    rows = summarise(grid, out, done)
+    _log_summary(experiment, grid, out, len(done))
+    print((out / "summary.md").read_text())
+    if failed:
+        raise RuntimeError(f"{len(failed)} cells failed: {', '.join(failed)} (their log.txt says why)")
+    return {"cells": len(all_cells), "ran": len(todo), "summary": str(out / "summary.md"), "rows": rows}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", default="default", choices=sorted(GRIDS))
+    p.add_argument("--workers", type=int, default=2, help="cells run at once (each uses base.torch_threads cores)")
+    p.add_argument("--out", default="sweeps", help="folder for the cells and the summary (default: sweeps)")
+    args = p.parse_args()
+    mixmerge_sweep(grid=args.grid, workers=args.workers, out_dir=args.out)
