@@ -38,7 +38,7 @@ def test_default_params_are_valid(tmp_path):
         ("mix_train", "mix_train.loss", "focal", "loss.method = 'focal': allowed: decoupled, rankmixup, soft_ce"),
         ("mix_train", "mix_train.loss", {"method": "decoupled", "eta": -1}, "loss.eta = -1: Input should be greater than or equal to 0"),
         ("mix_train", "mix_train.loss", {"method": "rankmixup", "eta": 1}, "loss.eta = 1: Extra inputs are not permitted (options of rankmixup: margin, weight)"),
-        ("pretrain", "pretrain.method", "byol", "unknown pretrain method 'byol'; allowed: simclr, supervised"),
+        ("pretrain", "pretrain.method", "byol", "unknown pretrain method 'byol'; allowed: barlow_twins, mixco, mixed_barlow_twins, selfcon, simclr, supcon, supervised"),
         ("pretrain", "pretrain.arch", "vit", "unknown architecture 'vit'"),
         ("prepare", "prepare.partition.alpha", 0, "prepare.partition.alpha = 0: Input should be greater than 0"),
         ("prepare", "prepare.partition.alpha", -1.5, "prepare.partition.alpha = -1.5"),

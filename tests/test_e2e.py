@@ -45,7 +45,7 @@ def test_plots_and_manifest_are_written(repro_project):
     for png in ("results/comparison.png", "results/reliability.png", "data/prepared/partition.png"):
         assert (repro_project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     rows = (repro_project / "results/models.csv").read_text().splitlines()
-    assert rows[0] == "model,kind,accuracy,nll,ece,brier,temperature,nll_scaled,ece_scaled"
+    assert rows[0] == "model,kind,accuracy,nll,ece,brier,temperature,nll_scaled,ece_scaled,probe_accuracy,knn_accuracy"
     assert len(rows) == 1 + 2 + K + len(MERGERS)
     per_class = (repro_project / "results/per_class.csv").read_text().splitlines()
     assert len(per_class) == 1 + 10 * (2 + K + len(MERGERS))
@@ -55,6 +55,44 @@ def test_plots_and_manifest_are_written(repro_project):
     proc = run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots_html"], repro_project)
     assert proc.returncode == 0, proc.stderr
     assert (repro_project / "plots_html" / "index.html").exists()
+
+
+def test_representation_probes_pairs_and_merge_gap(repro_project):
+    import csv
+
+    read = lambda name: list(csv.DictReader(open(repro_project / "results" / name)))  # noqa: E731
+    models = {r["model"]: r for r in read("models.csv")}
+    for name, r in models.items():
+        if name == "ensemble":
+            assert r["probe_accuracy"] == "" and r["knn_accuracy"] == "", "no single feature space"
+        else:
+            assert 0.3 < float(r["probe_accuracy"]) <= 1 and 0.3 < float(r["knn_accuracy"]) <= 1, name
+    pairs = read("pairs.csv")
+    assert len(pairs) == K * (K - 1) // 2
+    for p in pairs:
+        assert -1 <= float(p["task_vector_cosine"]) <= 1 and 0 <= float(p["sign_conflicts"]) <= 1
+        assert float(p["loss_barrier"]) >= 0 and float(p["accuracy_barrier"]) >= 0
+    curve = read("interpolation.csv")
+    points = yaml.safe_load((repro_project / "params.yaml").read_text())["evaluate"]["interpolation_points"]
+    assert len(curve) == len(pairs) * points
+    # the curve's endpoints are the experts themselves (BN recomputed on the same data)
+    first = [r for r in curve if r["pair"] == "expert_0~expert_1"]
+    assert float(first[0]["t"]) == 0 and float(first[-1]["t"]) == 1
+    gap = read("merge_gap.csv")
+    assert len(gap) == len(MERGERS) * (1 + K)
+    metrics = json.loads((repro_project / "results/metrics.json").read_text())["test"]
+    for r in gap:
+        merged = metrics[r["merger"]]
+        acc = merged["accuracy"] if r["split"] == "test" else merged["shard_accuracy"][r["split"]]
+        assert abs(float(r["merged"]) - acc) < 1e-6
+        assert abs(float(r["merged_minus_best_expert"]) - (acc - float(r["best_expert_accuracy"]))) < 1e-5
+    card = (repro_project / "data/prepared/partition_card.md").read_text()
+    manifest = json.loads((repro_project / "data/prepared/partition.json").read_text())
+    assert f"K = {K}" in card and manifest["content_hash"] in card
+    for shard in manifest["shards"]:
+        assert f"| {shard['shard']} | {shard['size']} |" in card
+    pre = json.loads((repro_project / "data/pretrain/metrics.json").read_text())
+    assert 0.3 < pre["val_probe_accuracy"] <= 1 and 0.3 < pre["val_knn_accuracy"] <= 1
 
 
 def test_up_to_date_pipeline_runs_nothing(repro_project):

@@ -9,7 +9,9 @@ from pipeline.checkpoints import load_tensors
 from tests.conftest import default_params, run, set_key
 
 
-@pytest.mark.parametrize("method,arch", [("simclr", "small_cnn"), ("supervised", "resnet18_cifar")])
+@pytest.mark.parametrize("method,arch", [("simclr", "small_cnn"), ("supervised", "resnet18_cifar"),
+                                         ("supcon", "small_cnn"), ("selfcon", "small_cnn"), ("mixco", "small_cnn"),
+                                         ("barlow_twins", "small_cnn"), ("mixed_barlow_twins", "small_cnn")])
 def test_pretrain_stage(tmp_path, method, arch):
     params = default_params()
     for key, value in {"pretrain.method": method, "pretrain.arch": arch, "pretrain.epochs": 3,
@@ -24,4 +26,5 @@ def test_pretrain_stage(tmp_path, method, arch):
     metrics = json.loads((tmp_path / "data/pretrain/metrics.json").read_text())
     # SimCLR is judged through its linear probe; 3 epochs are enough to beat chance (0.1) by far
     assert metrics["val_accuracy"] > 0.3, metrics
-    assert "linear probe" in proc.stdout if method == "simclr" else "linear probe" not in proc.stdout
+    assert ("(linear probe)" in proc.stdout) == (method != "supervised")
+    assert 0.3 < metrics["val_probe_accuracy"] <= 1 and 0.3 < metrics["val_knn_accuracy"] <= 1

@@ -1,0 +1,67 @@
+"""The sweep flow on the smoke grid: real cells, one MLflow experiment, a summary over seeds."""
+import csv
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.sweep import CellFolderInUse, cells, mixmerge_sweep
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweeps")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=120):
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        first = mixmerge_sweep(grid="smoke", workers=2, out_dir=str(out))
+        mtimes = {p: p.stat().st_mtime_ns for p in (out / "smoke").glob("*/results/metrics.json")}
+        second = mixmerge_sweep(grid="smoke", workers=2, out_dir=str(out))
+    return out / "smoke", uri, first, second, mtimes
+
+
+def test_every_cell_ran_and_the_summary_averages_over_seeds(swept):
+    root, _, first, _, _ = swept
+    names = [n for n, _, _ in cells("smoke")]
+    assert first["ran"] == len(names) == 4
+    for n in names:
+        params = yaml.safe_load((root / n / "params.yaml").read_text())
+        assert params["mix_train"]["mixer"] in n and f"seed-{params['base']['seed']}" in n
+    rows = list(csv.DictReader(open(root / "summary.csv")))
+    assert {r["mixer"] for r in rows} == {"none", "mixup"} and all(r["seeds"] == "2" for r in rows)
+    import json
+    import statistics
+    for r in rows:
+        accs = [json.loads((root / f"mixer-{r['mixer']}_partition-iid_seed-{s}" / "results/metrics.json")
+                           .read_text())["test"]["fedavg"]["accuracy"] for s in (0, 1)]
+        assert float(r["fedavg mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-4)
+        assert float(r["fedavg std"]) == pytest.approx(statistics.stdev(accs), abs=1e-4)
+    assert "± " in (root / "summary.md").read_text()
+    assert (root / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_cells_are_in_one_mlflow_experiment(swept):
+    _, uri, _, _, _ = swept
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mixmerge-sweep-smoke")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    pipelines = [r for r in runs if r.data.tags.get("mixmerge.pipeline_key")]
+    stage_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    seeds = {r.data.params.get("base.seed") for r in stage_runs if r.data.params.get("base.seed")}
+    assert seeds == {"0", "1"}
+    assert len({r.data.tags["mlflow.parentRunId"] for r in stage_runs}) == 4, "one parent per cell"
+    assert any(r.info.run_name == "sweep-smoke-summary" for r in runs)
+    assert len(pipelines) == 4
+
+
+def test_a_second_sweep_resumes_and_leaves_results_alone(swept, tmp_path):
+    root, _, _, second, mtimes = swept
+    assert second["ran"] == 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    cell = next(root.glob("mixer-none*"))
+    from flows.sweep import prepare_cell
+    params = yaml.safe_load((cell / "params.yaml").read_text())
+    params["mix_train"]["epochs"] = 99
+    with pytest.raises(CellFolderInUse, match="other params"):
+        prepare_cell(cell, params)
