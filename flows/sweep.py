@@ -149,6 +149,7 @@ def summarise(grid: str, out: Path, done: list[tuple[str, dict[str, str]]]) -> l
         key = tuple((a, lab) for a, lab in labels.items() if a != "seed")
         acc = groups.setdefault(key, {})
         summary = metrics["summary"]
+        acc.setdefault("pretrained", []).append(metrics["test"]["pretrained"]["accuracy"])
         acc.setdefault("mean expert", []).append(summary["mean_expert_accuracy"])
         acc.setdefault("best expert", []).append(summary["best_expert_accuracy"])
         acc.setdefault("ensemble", []).append(summary["ensemble_accuracy"])
@@ -170,10 +171,12 @@ def summarise(grid: str, out: Path, done: list[tuple[str, dict[str, str]]]) -> l
         w = csv.DictWriter(f, fieldnames=keys + ["seeds"] + [f"{c} {s}" for c in columns for s in ("mean", "std")])
         w.writeheader()
         w.writerows(rows)
-    lines = [f"| {' | '.join(keys)} | " + " | ".join(columns) + " |", "|" + "---|" * (len(keys) + len(columns))]
-    for r in rows:
-        lines.append("| " + " | ".join(r[k] for k in keys) + " | " + " | ".join(
-            f"{r[f'{c} mean']:.3f} ± {r[f'{c} std']:.3f}" for c in columns) + " |")
+    # Markdown: one row per model, one column per setting (models outnumber settings).
+    settings = [" ".join(r[k] for k in keys) for r in rows]
+    lines = ["| model | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for c in columns:
+        lines.append(f"| {c} | " + " | ".join(
+            f"{r[f'{c} mean']:.3f} ± {r[f'{c} std']:.3f}" if r[f"{c} mean"] != "" else "-" for r in rows) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     values = np.array([[r[f"{c} mean"] if r[f"{c} mean"] != "" else np.nan for c in columns] for r in rows], dtype=float)
     plots.accuracy_heatmap([" ".join(r[k] for k in keys) for r in rows], columns, values,
