@@ -184,17 +184,26 @@ def summarise(grid: str, out: Path, done: list[tuple[str, dict[str, str]]]) -> l
     return rows
 
 
-def _log_summary(experiment: str, grid: str, out: Path, n_cells: int) -> None:
+def _experiment(env: dict[str, str]) -> tuple[object, str]:
+    """The sweep's MLflow experiment, created before any cell starts: cells that each found a
+    new SQLite store would race to create its tables."""
     import mlflow
 
     from pipeline.tracking import ensure_experiment
 
-    client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(REPO / 'mlflow.db').resolve()}")
-    os.environ["MIXMERGE_EXPERIMENT"] = experiment
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    saved = os.environ.get("MIXMERGE_EXPERIMENT")
+    os.environ["MIXMERGE_EXPERIMENT"] = env["MIXMERGE_EXPERIMENT"]
     try:
-        exp_id = ensure_experiment(client, REPO)
+        return client, ensure_experiment(client, REPO)
     finally:
-        os.environ.pop("MIXMERGE_EXPERIMENT", None)
+        if saved is None:
+            os.environ.pop("MIXMERGE_EXPERIMENT", None)
+        else:
+            os.environ["MIXMERGE_EXPERIMENT"] = saved
+
+
+def _log_summary(client, exp_id: str, grid: str, out: Path, n_cells: int) -> None:
     run = client.create_run(exp_id, run_name=f"sweep-{grid}-summary", tags={"mixmerge.sweep": grid})
     client.log_param(run.info.run_id, "cells", n_cells)
     for f in ("summary.csv", "summary.md", "summary.png"):
@@ -211,6 +220,7 @@ def mixmerge_sweep(grid: str = "default", workers: int = 2, out_dir: str = "swee
     out = (REPO / out_dir / grid).resolve()
     experiment = f"mixmerge-sweep-{grid}"
     env = _cell_env(experiment)
+    client, exp_id = _experiment(env)
     all_cells = cells(grid)
     todo = [(n, lab) for n, lab, p in all_cells if prepare_cell(out / n, p)]
     logger.info(f"{len(all_cells)} cells, {len(all_cells) - len(todo)} already done, {len(todo)} to run")
@@ -222,9 +232,11 @@ def mixmerge_sweep(grid: str = "default", workers: int = 2, out_dir: str = "swee
             if not fut.state.is_completed():
                 failed.append(n)
     done = [(n, lab) for n, lab, _ in all_cells if (out / n / "results" / "metrics.json").exists()]
-    rows = summarise(grid, out, done)
-    _log_summary(experiment, grid, out, len(done))
-    print((out / "summary.md").read_text())
+    rows = []
+    if done:
+        rows = summarise(grid, out, done)
+        _log_summary(client, exp_id, grid, out, len(done))
+        print((out / "summary.md").read_text())
     if failed:
         raise RuntimeError(f"{len(failed)} cells failed: {', '.join(failed)} (their log.txt says why)")
     return {"cells": len(all_cells), "ran": len(todo), "summary": str(out / "summary.md"), "rows": rows}
