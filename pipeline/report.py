@@ -29,8 +29,12 @@ def main() -> int:
     print(f"""
 metrics     {layout.METRICS}   (dvc metrics show)
 tables      {layout.MODELS_CSV}, {layout.SHARDS_CSV}, {layout.PER_CLASS_CSV}, {layout.RELIABILITY_CSV}
-            (ece(T): ECE after temperature scaling fitted on the validation split)
-plots       {layout.COMPARISON_PNG}, {layout.RELIABILITY_PNG}, {layout.PARTITION_PNG}
+            (ece(T): ECE after temperature scaling fitted on the validation split;
+             probe, kNN: linear probe and 20-NN on each model's frozen features)
+            {layout.MERGE_GAP_CSV} (per merger, test split and each shard), {layout.PAIRS_CSV} and
+            {layout.INTERPOLATION_CSV} (interpolation barrier, task-vector cosine, sign conflicts)
+partition   {layout.PARTITION_CARD}
+plots       {layout.COMPARISON_PNG}, {layout.RELIABILITY_PNG}, {layout.INTERPOLATION_PNG}, {layout.PARTITION_PNG}
             dvc plots show   (writes dvc_plots/index.html)
 MLflow UI   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000
 model       mlflow.pyfunc.load_model("models:/mixmerge-merged@best")""")
