@@ -63,6 +63,26 @@ GRIDS: dict[str, tuple[dict[str, dict[str, dict]], dict]] = {
         },
         {"merge.mergers": ALL_MERGERS, "merge.registered_model": None},
     ),
+    # every mixer, mix loss, pretrain method and the alignment step once, against the default
+    # (mixup, soft cross-entropy, supervised pretraining, Dirichlet alpha 0.5), 2 seeds
+    "methods": (
+        {
+            "setting": {
+                "default": {},
+                **{f"mixer={m}": {"mix_train.mixer": m}
+                   for m in ("manifold_mixup", "resizemix", "saliencymix", "fmix", "gridmix", "smoothmix")},
+                "mixer=mixup+cutmix": {"mix_train.mixer": {"mixup": 0.5, "cutmix": 0.5}},
+                "loss=decoupled": {"mix_train.loss": {"method": "decoupled"}},
+                "loss=rankmixup": {"mix_train.loss": {"method": "rankmixup"}},
+                "label_smoothing=0.1": {"mix_train.label_smoothing": 0.1},
+                **{f"pretrain={m}": {"pretrain.method": m}
+                   for m in ("simclr", "supcon", "selfcon", "mixco", "barlow_twins", "mixed_barlow_twins")},
+                "align=weight_matching": {"merge.align": "weight_matching"},
+            },
+            "seed": {str(s): {"base.seed": s} for s in (0, 1)},
+        },
+        {"merge.mergers": ALL_MERGERS, "merge.registered_model": None},
+    ),
     # a few seconds per cell: for tests and for trying the sweep machinery
     "smoke": (
         {
