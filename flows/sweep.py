@@ -78,6 +78,11 @@ GRIDS: dict[str, tuple[dict[str, dict[str, dict]], dict]] = {
                 **{f"pretrain={m}": {"pretrain.method": m}
                    for m in ("simclr", "supcon", "selfcon", "mixco", "barlow_twins", "mixed_barlow_twins")},
                 "align=weight_matching": {"merge.align": "weight_matching"},
+                "partition=pathological": {"prepare.partition.method": "pathological"},
+                "partition=quantity_skew": {"prepare.partition.method": "quantity_skew"},
+                # SLERP merges exactly two experts
+                "K=2 (+slerp)": {"base.shards": [0, 1],
+                                 "merge.mergers": {**ALL_MERGERS, "slerp": {"method": "slerp", "t": 0.5}}},
             },
             "seed": {str(s): {"base.seed": s} for s in (0, 1)},
         },

@@ -126,6 +126,15 @@ class SelfCon(nn.Module):
         return supcon(z, torch.cat([y, y]), self.temperature)
 
 
+def mixco_term(z_mixed: torch.Tensor, z_clean: torch.Tensor, lam: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MixCo's mixed-sample loss: mix i (of images i and i - 1) against the clean embeddings,
+    cross-entropy with soft target lam on i and 1 - lam on i - 1."""
+    logits = F.normalize(z_mixed, dim=1) @ F.normalize(z_clean, dim=1).T / temperature
+    eye = torch.eye(len(z_mixed), device=z_mixed.device)
+    target = lam * eye + (1 - lam) * eye.roll(1, 0)  # row i: lam at i, 1 - lam at i - 1
+    return -(target * logits.log_softmax(1)).sum(1).mean()
+
+
 class MixCo(SimCLR):
     """MixCo: Kim et al. 2020, "MixCo: Mix-up Contrastive Learning for Visual Representation".
     SimCLR plus a mixed-sample term: a mix lam * v1_i + (1 - lam) * v1_(i-1), lam ~ U(0, 1),
@@ -137,12 +146,7 @@ class MixCo(SimCLR):
         lam = torch.rand((), generator=g, device=x.device)
         mixed = lam * v1 + (1 - lam) * v1.roll(1, 0)
         z1, z2, zm = self.projector(model.features(torch.cat([v1, v2, mixed]))).chunk(3)
-        logits = F.normalize(zm, dim=1) @ F.normalize(z2, dim=1).T / self.temperature
-        n = len(x)
-        eye = torch.eye(n, device=x.device)
-        target = lam * eye + (1 - lam) * eye.roll(1, 0)  # row i: lam at i, 1 - lam at i - 1
-        mix_loss = -(target * logits.log_softmax(1)).sum(1).mean()
-        return nt_xent(z1, z2, self.temperature) + mix_loss
+        return nt_xent(z1, z2, self.temperature) + mixco_term(zm, z2, lam, self.temperature)
 
 
 def batch_standardise(z: torch.Tensor) -> torch.Tensor:
@@ -192,13 +196,21 @@ class MixedBarlowTwins(BarlowTwins):
         lam = torch.rand((), generator=g, device=x.device)
         perm = torch.randperm(len(x), generator=g, device=x.device)
         za, zb, zm = self.embed(model, [v1, v2, lam * v1 + (1 - lam) * v2[perm]])
-        a, b, m = batch_standardise(za), batch_standardise(zb), batch_standardise(zm)
-        n = len(x)
-        reg = 0.0
-        for target in (a, b):
-            expected = (lam * a + (1 - lam) * b[perm]).T @ target / n
-            reg = reg + (m.T @ target / n - expected).pow(2).sum()
-        return barlow_twins_loss(za, zb, self.off_diagonal) + self.off_diagonal * reg
+        return barlow_twins_loss(za, zb, self.off_diagonal) + self.off_diagonal * mixed_barlow_regulariser(
+            za, zb, zm, lam, perm)
+
+
+def mixed_barlow_regulariser(za: torch.Tensor, zb: torch.Tensor, zm: torch.Tensor, lam: torch.Tensor,
+                             perm: torch.Tensor) -> torch.Tensor:
+    """sum over t in (a, b) of ||C(m, t) - (lam C(a, t) + (1 - lam) C(b_perm, t))||^2, with
+    C(u, v) = u^T v / N on batch-standardised embeddings."""
+    a, b, m = batch_standardise(za), batch_standardise(zb), batch_standardise(zm)
+    n = len(za)
+    reg = torch.zeros((), device=za.device)
+    for target in (a, b):
+        expected = (lam * a + (1 - lam) * b[perm]).T @ target / n
+        reg = reg + (m.T @ target / n - expected).pow(2).sum()
+    return reg
 
 
 @OBJECTIVES.register("supervised")

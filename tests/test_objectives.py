@@ -4,7 +4,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import SmallCNN
-from pipeline.objectives import OBJECTIVES, barlow_twins_loss, batch_standardise, nt_xent, supcon
+from pipeline.objectives import (
+    OBJECTIVES,
+    barlow_twins_loss,
+    batch_standardise,
+    mixco_term,
+    mixed_barlow_regulariser,
+    nt_xent,
+    supcon,
+)
 
 
 def nt_xent_loop(z1, z2, t):
@@ -92,3 +100,34 @@ def test_selfcon_contrasts_the_sub_network_exit_with_the_last_layer():
     obj(model, x, y, torch.Generator().manual_seed(0)).backward()
     assert model.body[0][0].weight.grad is not None and obj.sub_projector[0].weight.grad is not None
     assert model.body[3][0].weight.grad is not None, "the last block trains through the main exit"
+
+
+def test_mixco_term_matches_the_definition():
+    g = torch.Generator().manual_seed(3)
+    zm, zc = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    lam, t = 0.7, 0.5
+    a, b = F.normalize(zm, dim=1), F.normalize(zc, dim=1)
+    total = 0.0
+    for i in range(4):
+        den = sum(math.exp(float(a[i] @ b[k]) / t) for k in range(4))
+        p = lambda k: math.exp(float(a[i] @ b[k]) / t) / den  # noqa: E731
+        total += -(lam * math.log(p(i)) + (1 - lam) * math.log(p(i - 1)))
+    assert abs(mixco_term(zm, zc, torch.tensor(lam), t).item() - total / 4) < 1e-5
+    # lam = 1: plain InfoNCE of each mix against its own clean view
+    assert torch.allclose(mixco_term(zm, zc, torch.tensor(1.0), t), F.cross_entropy(a @ b.T / t, torch.arange(4)))
+
+
+def test_mixed_barlow_regulariser_matches_the_definition_and_favours_linear_mixes():
+    g = torch.Generator().manual_seed(4)
+    za, zb = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g)
+    perm = torch.randperm(16, generator=g)
+    lam = torch.tensor(0.6)
+    zm = torch.randn(16, 3, generator=g)
+    a, b, m = batch_standardise(za), batch_standardise(zb), batch_standardise(zm)
+    c = lambda u, v, i, j: float((u[:, i] * v[:, j]).sum()) / 16  # noqa: E731
+    mix = lam * a + (1 - lam) * b[perm]
+    expected = sum((c(m, t, i, j) - c(mix, t, i, j)) ** 2 for t in (a, b) for i in range(3) for j in range(3))
+    assert abs(mixed_barlow_regulariser(za, zb, zm, lam, perm).item() - expected) < 1e-5
+    # a mix that embeds linearly is far closer to its prediction than an unrelated embedding
+    linear = mixed_barlow_regulariser(za, zb, lam * za + (1 - lam) * zb[perm], lam, perm)
+    assert linear < 0.5 * mixed_barlow_regulariser(za, zb, zm, lam, perm)
