@@ -78,7 +78,8 @@ GRIDS: dict[str, tuple[dict[str, dict[str, dict]], dict]] = {
                 **{f"pretrain={m}": {"pretrain.method": m}
                    for m in ("simclr", "supcon", "selfcon", "mixco", "barlow_twins", "mixed_barlow_twins")},
                 "align=weight_matching": {"merge.align": "weight_matching"},
-                "partition=pathological": {"prepare.partition.method": "pathological"},
+                "partition=pathological3": {"prepare.partition.method": "pathological",
+                                           "prepare.partition.classes_per_shard": 3},  # 4 x 3 covers 10 classes
                 "partition=quantity_skew": {"prepare.partition.method": "quantity_skew"},
                 # SLERP merges exactly two experts
                 "K=2 (+slerp)": {"base.shards": [0, 1],
