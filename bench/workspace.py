@@ -8,16 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import set_key  # also re-exported for the tests
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def set_key(params: dict, dotted: str, value) -> dict:
-    node = params
-    *parents, last = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return params
 
 
 def is_pipeline_output(path: str) -> bool:

@@ -26,7 +26,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from bench.workspace import set_key
+from pipeline.config import set_key
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_BAD_CONFIG = 2
@@ -218,15 +218,7 @@ def _experiment(env: dict[str, str]) -> tuple[object, str]:
     from pipeline.tracking import ensure_experiment
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    saved = os.environ.get("MIXMERGE_EXPERIMENT")
-    os.environ["MIXMERGE_EXPERIMENT"] = env["MIXMERGE_EXPERIMENT"]
-    try:
-        return client, ensure_experiment(client, REPO)
-    finally:
-        if saved is None:
-            os.environ.pop("MIXMERGE_EXPERIMENT", None)
-        else:
-            os.environ["MIXMERGE_EXPERIMENT"] = saved
+    return client, ensure_experiment(client, REPO, env["MIXMERGE_EXPERIMENT"])
 
 
 def _log_summary(client, exp_id: str, grid: str, out: Path, n_cells: int) -> None:

@@ -82,6 +82,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     atomic_write(path, st_save(tensors, metadata={META_KEY: json.dumps(metadata, sort_keys=True)}))
 
 
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata alone, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+
+
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))

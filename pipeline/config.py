@@ -222,6 +222,16 @@ STAGE_MODELS: dict[str, type[Strict]] = {
 }
 
 
+def set_key(params: dict, dotted: str, value) -> dict:
+    """Set ``a.b.c`` in a nested params mapping (creating sections as needed); returns it."""
+    node = params
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return params
+
+
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     try:

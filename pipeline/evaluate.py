@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         if merged_names:
             summary["best_merged_by_val"] = max(merged_names, key=lambda n: val_acc[n])
         gap_rows = merge_gap_rows(models, experts, merged_names)
+        # `model` is the last one loaded: any will do, they share one architecture
         pair_rows, curve_rows = pair_diagnostics(model, states, experts, data, cfg)
         metrics = {"test": models, "summary": summary, "pairs": pair_rows}
 

@@ -15,12 +15,12 @@ import torch
 
 from pipeline import cli, config, layout
 from pipeline.batchnorm import has_batchnorm, recalibrate
-from pipeline.checkpoints import load_tensors, md5, replace_dir, save_tensors, staging_dir
+from pipeline.checkpoints import load_metadata, load_tensors, md5, replace_dir, save_tensors, staging_dir
 from pipeline.alignment import SPECS, align_experts
 from pipeline.merge_data import MergeData
 from pipeline.merging import MERGERS
 from pipeline.metrics import accuracy
-from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared
+from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors
 from pipeline.tracking import Tracker
 from pipeline.training import predict_logits
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise config.ConfigError(f"base.shards = {base.shards}: expert checkpoints missing: {', '.join(missing)}")
     check_mergers_accept(cfg, len(expert_files))
-    arch = load_tensors(layout.PRETRAINED)[1]["architecture"]["name"] if layout.PRETRAINED.exists() else None
+    arch = load_metadata(layout.PRETRAINED)["architecture"]["name"] if layout.PRETRAINED.exists() else None
     if cfg.align == "weight_matching" and arch not in SPECS:
         raise config.ConfigError(f"merge.align = 'weight_matching': no permutation spec for architecture {arch!r}; "
                                  f"supported: {', '.join(SPECS)} (or align: none)")
@@ -109,10 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             experts, realigned = align_experts(arch, base_state, experts)
             print(f"merge: weight matching to the pretrained model permuted experts {[i for i, m in enumerate(realigned) if m]}")
         manifest = load_manifest()
-        shard_x = [data.x_train[torch.tensor(manifest["shards"][k]["indices"], device=device)] for k in base.shards]
-        shard_y = [data.y_train[torch.tensor(manifest["shards"][k]["indices"], device=device)] for k in base.shards]
         recal = cfg.bn_recalibration and has_batchnorm(model)
-        merge_data = MergeData(model, list(zip(shard_x, shard_y)), data.x_val, data.y_val,
+        merge_data = MergeData(model, [shard_tensors(data, manifest, k) for k in base.shards], data.x_val, data.y_val,
                                data.x_train if recal else None, cfg.bn_batch_size, base.seed)
 
         staged = staging_dir(layout.MERGED)

@@ -20,7 +20,7 @@ from pipeline.metrics import accuracy
 from pipeline.mix_recipe import MixRecipe
 from pipeline.progress import Progress
 from pipeline.stacked import RngStreams, fit_stacked
-from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared
+from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors
 from pipeline.tracking import Tracker
 from pipeline.training import Schedule, fit, predict_logits
 
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     device = cli.setup(base.seed, base.device, base.torch_threads)
     data = load_prepared(device)
     manifest = load_manifest()
-    index = {k: torch.tensor(manifest["shards"][k]["indices"], dtype=torch.long, device=device) for k in shards}
-    shard_data = [(data.x_train[index[k]], data.y_train[index[k]]) for k in shards]
+    shard_data = [shard_tensors(data, manifest, k) for k in shards]
     mixer_name = "+".join(cfg.mixer_odds())
     schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
     inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED]

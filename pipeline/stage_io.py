@@ -36,6 +36,12 @@ def load_manifest() -> dict[str, Any]:
     return json.loads(layout.MANIFEST.read_text())
 
 
+def shard_tensors(data: Prepared, manifest: dict[str, Any], shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels of one shard, as the manifest lists them."""
+    index = torch.tensor(manifest["shards"][shard]["indices"], dtype=torch.long, device=data.x_train.device)
+    return data.x_train[index], data.y_train[index]
+
+
 def load_model(path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint's own metadata and load its weights."""
     state, meta = load_tensors(path, device)

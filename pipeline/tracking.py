@@ -67,8 +67,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def ensure_experiment(client, root: Path) -> str:
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+def ensure_experiment(client, root: Path, name: str | None = None) -> str:
+    name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

@@ -59,3 +59,10 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
     checkpoints.replace_dir(target, staged)
     assert [p.name for p in target.iterdir()] == ["new.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_metadata_reads_without_the_tensors(tmp_path):
+    path = tmp_path / "m.safetensors"
+    checkpoints.save_tensors(path, {"w": torch.ones(3)}, {"architecture": {"name": "small_cnn"}, "k": [1, 2]})
+    assert checkpoints.load_metadata(path) == checkpoints.load_tensors(path)[1] == {
+        "architecture": {"name": "small_cnn"}, "k": [1, 2]}

@@ -1,6 +1,5 @@
 import copy
 import inspect
-import itertools
 import math
 
 import pytest
