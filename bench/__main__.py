@@ -146,8 +146,8 @@ def copy_bandwidth(device, repeats, mib=512) -> float:
 
 
 def bench_merge(device, repeats, k=8):
-    """TIES vs a plain average of the same K ResNet-18 checkpoints, and the share of the
-    machine's copy bandwidth each achieves (bytes read + written / time)."""
+    """TIES and DARE vs a plain average of the same K ResNet-18 checkpoints, and the share of
+    the machine's copy bandwidth each achieves (bytes read + written / time)."""
     torch.manual_seed(0)
     base = {n: t.to(device) for n, t in build("resnet18_cifar", 3, 10, 64).state_dict().items()}
     experts = [{n: t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t for n, t in base.items()}
@@ -155,16 +155,20 @@ def bench_merge(device, repeats, k=8):
     weights = torch.full((k,), 1.0 / k)
     model_bytes = sum(t.numel() * t.element_size() for t in base.values())
     t_avg = best_of(lambda: MERGERS["uniform"](experts, base, weights), repeats, device)
-    t_ties = best_of(lambda: MERGERS["ties"](experts, base, weights, density=0.2), repeats, device)
     bw = copy_bandwidth(device, repeats)
-    moved = (k + 1) * model_bytes  # K experts read, one model written (TIES also reads the base)
-    out = row(f"merge K={k} ResNet-18", "uniform average", "TIES (density 0.2)", t_avg, t_ties,
-              "<= 3x the time; >= 10% of copy bandwidth", cost=True,
-              note=f"{model_bytes / 2**20:.0f} MiB per model; copy bandwidth {bw / 1e9:.1f} GB/s; "
-                   f"average at {moved / t_avg / bw:.0%}, TIES at {(moved + model_bytes) / t_ties / bw:.0%} of it")
-    out["bandwidth_share_average"] = moved / t_avg / bw
-    out["bandwidth_share_ties"] = (moved + model_bytes) / t_ties / bw
-    return out
+    averaged = (k + 1) * model_bytes  # K experts read, one model written
+    rows = []
+    for name, options in [("ties", {"density": 0.2}), ("dare", {"density": 0.5})]:
+        t = best_of(lambda: MERGERS[name](experts, base, weights, **options), repeats, device)
+        moved = averaged + model_bytes  # the base is read too
+        out = row(f"merge K={k} ResNet-18", "uniform average", f"{name.upper()} (density {options['density']})",
+                  t_avg, t, "<= 3x the time; >= 10% of copy bandwidth", cost=True,
+                  note=f"{model_bytes / 2**20:.0f} MiB per model; copy bandwidth {bw / 1e9:.1f} GB/s; "
+                       f"average at {averaged / t_avg / bw:.0%}, {name.upper()} at {moved / t / bw:.0%} of it")
+        out["bandwidth_share_average"] = averaged / t_avg / bw
+        out[f"bandwidth_share_{name}"] = moved / t / bw
+        rows.append(out)
+    return rows
 
 
 def bench_mlflow(device, repeats, steps=300):
@@ -310,7 +314,8 @@ def main() -> int:
     results = []
     for name in args.only or list(ROWS):
         print(f"... {name}", file=sys.stderr, flush=True)
-        results.append(ROWS[name](device, args.repeats))
+        result = ROWS[name](device, args.repeats)
+        results.extend(result if isinstance(result, list) else [result])
     print(f"\nmachine: {machine}\n")
     print(f"{'row':<32}{'baseline':<30}{'candidate':<32}{'measured':<18}target")
     for r in results:

@@ -74,7 +74,8 @@ def _is_running_stat(key: str) -> bool:
 @MERGERS.register("uniform")
 def uniform(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor) -> StateDict:
     """Uniform weight averaging (model soup / 'uniform soup', Wortsman et al. 2022)."""
-    return _per_tensor(experts, lambda _, s: s.mean(0))
+    _check_same_keys(experts)
+    return _weighted_sum(experts, [1.0 / len(experts)] * len(experts))
 
 
 @MERGERS.register("fedavg")
@@ -96,7 +97,7 @@ def _task_vector_merge(
         if _is_running_stat(key):  # statistics, not learned weights: no task vector
             return stacked.mean(0)
         theta0 = base[key].float()
-        return theta0 + combine_deltas(key, stacked - theta0)
+        return theta0 + combine_deltas(key, stacked.sub_(theta0))  # the stack is ours: in place
 
     return _per_tensor(experts, combine)
 
@@ -110,21 +111,66 @@ def task_arithmetic(
     return _task_vector_merge(experts, base, lambda _, deltas: scale * deltas.sum(0))
 
 
+# Columns per block in the blockwise combines: K rows of 2**16 floats (2 MiB at K=8) keep each
+# block's temporaries in cache instead of allocating fresh K x tensor arrays (page faults).
+_BLOCK = 1 << 16
+
+
+def top_magnitude_thresholds(rows: torch.Tensor, keep: int, sample: int = 4096) -> torch.Tensor:
+    """Per row of (K, n): the ``keep``-th largest magnitude, exactly what
+    ``rows.abs().topk(keep, dim=1).values.amin(1)`` gives, as a (K, 1) column.
+
+    Why not topk alone: on a large tensor it dominates a TIES merge. Instead a fixed random
+    sample of each row brackets the answer (Floyd & Rivest's select), one blockwise pass counts
+    the entries above the bracket and gathers the few inside it, and topk runs on those only.
+    A row whose bracket misses (improbable, ~4 standard deviations) falls back to topk."""
+    k, n = rows.shape
+    if n <= 16 * sample:
+        return rows.abs().topk(keep, dim=1, sorted=False).values.amin(1, keepdim=True)
+    g = torch.Generator(device=rows.device).manual_seed(0)
+    picked = rows[:, torch.randint(0, n, (sample,), generator=g, device=rows.device)].abs()
+    picked = picked.sort(dim=1, descending=True).values
+    share = keep / n
+    rank, slack = share * sample, 4 * (sample * share * (1 - share)) ** 0.5 + 2
+    hi = picked[:, max(0, int(rank - slack))].unsqueeze(1)
+    lo = picked[:, min(sample - 1, int(rank + slack))].unsqueeze(1)
+    above = torch.zeros(k, dtype=torch.long, device=rows.device)
+    inside, inside_row = [], []
+    for start in range(0, n, _BLOCK):
+        magnitude = rows[:, start:start + _BLOCK].abs()
+        above += (magnitude > hi).sum(1)
+        between = (magnitude >= lo) & (magnitude <= hi)
+        inside.append(magnitude[between])
+        inside_row.append(between.nonzero()[:, 0])
+    values, owner = torch.cat(inside), torch.cat(inside_row)
+    out = torch.empty(k, 1, dtype=rows.dtype, device=rows.device)
+    for i, n_above in enumerate(above.tolist()):
+        need, candidates = keep - n_above, values[owner == i]
+        if 0 < need <= candidates.numel():
+            out[i] = candidates.topk(need, sorted=False).values.amin()
+        else:  # the bracket missed: select on the whole row
+            out[i] = rows[i].abs().topk(keep, sorted=False).values.amin()
+    return out
+
+
 def ties_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES on one tensor's K task vectors (K, *shape): trim, elect sign, disjoint mean."""
+    """TIES on one tensor's K task vectors (K, *shape): trim, elect sign, disjoint mean.
+    Column block by column block, so no temporary of the stack's size is built."""
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1)
-    keep = max(1, int(round(density * flat.shape[1])))
-    magnitude = flat.abs()
-    # Trim: keep each task vector's top-`density` entries by magnitude, zero the rest
-    # (the threshold is the smallest of the kept magnitudes; topk beats kthvalue here).
-    threshold = magnitude.topk(keep, dim=1, sorted=False).values.amin(1, keepdim=True)
-    trimmed = flat * (magnitude >= threshold)
-    # Elect: the sign with the larger total magnitude per parameter.
-    sign = torch.sign(trimmed.sum(0))
-    # Disjoint mean: average only the (non-zero) entries that agree with the elected sign.
-    agree = trimmed * sign > 0
-    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    n = flat.shape[1]
+    keep = max(1, int(round(density * n)))
+    # Trim: keep each task vector's top-`density` entries by magnitude, zero the rest.
+    threshold = top_magnitude_thresholds(flat, keep) if keep < n else None
+    merged = torch.empty(n, dtype=flat.dtype, device=flat.device)
+    for start in range(0, n, _BLOCK):
+        block = flat[:, start:start + _BLOCK]
+        trimmed = block * (block.abs() >= threshold) if threshold is not None else block
+        # Elect: the sign with the larger total magnitude per parameter.
+        sign = trimmed.sum(0).sign_()
+        # Disjoint mean: average only the (non-zero) entries that agree with the elected sign.
+        agree = trimmed * sign > 0
+        merged[start:start + _BLOCK] = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
     return merged.reshape(deltas.shape[1:])
 
 

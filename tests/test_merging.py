@@ -7,7 +7,9 @@ import torch
 
 from pipeline.alignment import align_experts, permute, small_cnn_spec, weight_matching
 from pipeline.merge_data import MergeData, diagonal_fisher, input_grams
-from pipeline.merging import MERGERS, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine
+from pipeline.merging import (
+    MERGERS, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine, top_magnitude_thresholds,
+)
 from pipeline.models import SmallCNN
 
 
@@ -93,6 +95,41 @@ def test_ties_worked_example():
     # disjoint means: p0 mean(0.9, 0.7)=0.8 ; p1 0 ; p2 -0.6 ; p3 -0.8
     out = ties_combine(deltas, density=0.5)
     assert torch.allclose(out, torch.tensor([0.8, 0.0, -0.6, -0.8]))
+
+
+def _ties_by_definition(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES written plainly on the whole (K, n) stack with topk, as a reference."""
+    keep = max(1, int(round(density * deltas.shape[1])))
+    threshold = deltas.abs().topk(keep, dim=1).values[:, -1:]
+    trimmed = deltas * (deltas.abs() >= threshold)
+    agree = trimmed * trimmed.sum(0).sign() > 0
+    return (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("keep_share", [0.001, 0.2, 0.9])
+def test_top_magnitude_thresholds_are_exactly_topks(keep_share):
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(5, 300_000, generator=g)
+    rows[1] = rows[1].round(decimals=1)  # many tied magnitudes
+    rows[2, :1000] = 50.0  # outliers that skew the sample
+    keep = int(keep_share * rows.shape[1])
+    expected = rows.abs().topk(keep, dim=1).values[:, -1:]
+    assert torch.equal(top_magnitude_thresholds(rows, keep), expected)
+
+
+def test_top_magnitude_thresholds_fall_back_when_the_sample_misses():
+    # Every entry but a few is 0: the sample sees only zeros, so its bracket cannot hold the
+    # 10th largest magnitude, and the row must be selected in full.
+    rows = torch.zeros(2, 200_000)
+    rows[:, ::20_000] = torch.arange(1.0, 11.0)
+    assert torch.equal(top_magnitude_thresholds(rows, 10), torch.ones(2, 1))
+    assert torch.equal(top_magnitude_thresholds(rows, 3), torch.full((2, 1), 8.0))
+
+
+def test_blockwise_ties_equals_ties_on_the_whole_stack():
+    deltas = torch.randn(4, 200_003, generator=torch.Generator().manual_seed(2))  # several blocks, ragged end
+    assert torch.allclose(ties_combine(deltas, 0.2), _ties_by_definition(deltas, 0.2), atol=1e-7)
+    assert torch.allclose(ties_combine(deltas, 1.0), _ties_by_definition(deltas, 1.0), atol=1e-7)
 
 
 def test_mergers_refuse_mismatched_experts():
