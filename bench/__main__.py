@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.augment import random_affine
+from pipeline.data_path import BatchSource
 from pipeline.merging import MERGERS
 from pipeline.mix_losses import soft_cross_entropy
 from pipeline.mixers import MIXERS
@@ -68,12 +69,12 @@ def bench_experts(device, repeats, k=8, n=256, epochs=2, width=16, batch_size=64
             model = build("small_cnn", 1, 10, width).to(device)
             model.load_state_dict(init)
             model.train()
-            fit(model.parameters(), lambda b: _mixed_loss(model, mix, x[b], y[b]), n, schedule,
+            fit(model.parameters(), lambda xb, yb: _mixed_loss(model, mix, xb, yb), BatchSource(x, y, device), schedule,
                 torch.Generator(device).manual_seed(i), device)
 
     def stacked():
         streams = RngStreams(list(range(k)))
-        fit_stacked(build("small_cnn", 1, 10, width), [init] * k, data,
+        fit_stacked(build("small_cnn", 1, 10, width), [init] * k, [BatchSource(x, y, device) for x, y in data],
                     lambda i, x, y: streams.run(i, mix, x, y, 10, 1.0), soft_cross_entropy, schedule,
                     [torch.Generator(device).manual_seed(i) for i in range(k)], device)
 
@@ -88,16 +89,18 @@ def _mixed_loss(model, mix, x, y):
     return soft_cross_entropy(model(xm), ym)
 
 
-def bench_data_path(device, repeats, n=4096, batch_size=256, width=8):
+def bench_data_path(device, repeats, n=4096, batch_size=256, width=8, shape=(3, 32, 32), label="CIFAR-sized"):
     """Device-resident tensors + batched augmentation vs DataLoader + per-sample torchvision
-    transforms, same model, batch size and augmentation family (random affine)."""
+    transforms, same model, batch size and augmentation family (random affine). The lighter
+    the model per image, the more of each step the data path is: the default experiment's
+    digits shape shows that end, CIFAR-sized images with a small CNN the other."""
     from torch.utils.data import DataLoader, Dataset
     from torchvision.transforms import v2
 
     g = torch.Generator().manual_seed(0)
-    x_cpu = torch.rand(n, 3, 32, 32, generator=g)
+    x_cpu = torch.rand(n, *shape, generator=g)
     y_cpu = torch.randint(0, 10, (n,), generator=g)
-    model = build("small_cnn", 3, 10, width).to(device)
+    model = build("small_cnn", shape[0], 10, width).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step(xb, yb):
@@ -132,9 +135,16 @@ def bench_data_path(device, repeats, n=4096, batch_size=256, width=8):
 
     t_dl, t_res = best_of(dataloader_epoch, repeats, device), best_of(resident_epoch, repeats, device)
     target = ">= 5x on a GPU" if device.type == "cuda" else ">= 1.5x on CPU"
-    return row("training images/s", "DataLoader + v2.RandomAffine", "device tensors + batched affine",
+    return row(f"training images/s, {label}", "DataLoader + v2.RandomAffine", "device tensors + batched affine",
                t_dl, t_res, target, unit="s per epoch",
-               note=f"{n / t_dl:.0f} vs {n / t_res:.0f} img/s; small_cnn width {width}, 32x32x3, batch {batch_size}")
+               note=f"{n / t_dl:.0f} vs {n / t_res:.0f} img/s; small_cnn width {width}, "
+                    f"{'x'.join(map(str, shape[::-1]))}, batch {batch_size}")
+
+
+def bench_data_path_digits(device, repeats):
+    """The data-path row at the default experiment's shapes: digits 8x8x1, small_cnn width 16,
+    mix_train's batch of 32."""
+    return bench_data_path(device, repeats, n=2048, batch_size=32, width=16, shape=(1, 8, 8), label="digits")
 
 
 def copy_bandwidth(device, repeats, mib=512) -> float:
@@ -278,7 +288,7 @@ def bench_gpu_utilisation(device, repeats, k=8, batch_size=512, width=64):
     streams = RngStreams(list(range(k)))
 
     def epoch():
-        fit_stacked(build("small_cnn", 3, 10, width), [init] * k, data,
+        fit_stacked(build("small_cnn", 3, 10, width), [init] * k, [BatchSource(x, y, device) for x, y in data],
                     lambda i, x, y: streams.run(i, MIXERS["mixup"], x, y, 10, 1.0), soft_cross_entropy,
                     Schedule(1, batch_size, 0.02), [torch.Generator(device).manual_seed(i) for i in range(k)], device)
 
@@ -293,7 +303,7 @@ def bench_gpu_utilisation(device, repeats, k=8, batch_size=512, width=64):
             "note": f"{achieved / 1e12:.1f} TFLOP/s, K={k}, small_cnn width {width}, batch {batch_size}"}
 
 
-ROWS = {"experts": bench_experts, "data": bench_data_path, "merge": bench_merge, "mlflow": bench_mlflow,
+ROWS = {"experts": bench_experts, "data": bench_data_path, "data_digits": bench_data_path_digits, "merge": bench_merge, "mlflow": bench_mlflow,
         "dvc": bench_dvc, "flow": bench_flow, "gpu": bench_gpu_utilisation}
 
 

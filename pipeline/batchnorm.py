@@ -28,10 +28,11 @@ def recalibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.
         m.momentum = None  # cumulative moving average over all batches
     was_training = model.training
     model.train()
+    device = next(model.parameters()).device
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
         if len(batch) >= 2:
-            model(batch)
+            model(batch.to(device, non_blocking=True))  # x may be in host memory
     for m, momentum in saved:
         m.momentum = momentum
     model.train(was_training)

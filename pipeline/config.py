@@ -53,6 +53,10 @@ class BaseConfig(Strict):
     # Fixed per process: float results on CPU depend on the thread count, and K shard
     # processes share the cores anyway.
     torch_threads: PositiveInt = 1
+    # Training images as one device tensor (resident), or in host memory served by a
+    # DataLoader (host, for datasets that do not fit); auto decides by size (pipeline.data_path).
+    data_path: Literal["auto", "resident", "host"] = "auto"
+    loader_workers: NonNegativeInt = 2  # host path: DataLoader worker processes
     # K = len(shards). A list, not a count, because DVC's foreach needs a list.
     shards: list[NonNegativeInt] = Field(min_length=1)
 

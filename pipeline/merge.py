@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parser("merge").parse_args(argv)
     base, cfg = config.load("merge", args.params)
     device = cli.setup(base.seed, base.device, base.torch_threads)
-    data = load_prepared(device)
+    data = load_prepared(device, base.data_path)
     expert_files = [layout.expert(k) for k in base.shards]
     missing = [str(f) for f in expert_files if not f.exists()]
     if missing:

@@ -20,7 +20,8 @@ from pipeline.metrics import accuracy
 from pipeline.mix_recipe import MixRecipe
 from pipeline.progress import Progress
 from pipeline.stacked import RngStreams, fit_stacked
-from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors
+from pipeline.data_path import BatchSource
+from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source
 from pipeline.tracking import Tracker
 from pipeline.training import Schedule, fit, predict_logits
 
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise config.ConfigError(f"--shard {bad[0]}: not in base.shards {base.shards}")
     device = cli.setup(base.seed, base.device, base.torch_threads)
-    data = load_prepared(device)
+    data = load_prepared(device, base.data_path)
     manifest = load_manifest()
-    shard_data = [shard_tensors(data, manifest, k) for k in shards]
+    shard_data = [source(data, *shard_tensors(data, manifest, k), device, base.loader_workers) for k in shards]
     mixer_name = "+".join(cfg.mixer_odds())
     schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
     inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED]
@@ -55,9 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         trackers = [stack.enter_context(Tracker("mix_train", f"mix_train/shard_{k}", params_file=args.params))
                     for k in shards]
-        for k, tracker, (_, y) in zip(shards, trackers, shard_data):
+        for k, tracker, shard in zip(shards, trackers, shard_data):
             tracker.log_params({"base": base.model_dump(), "mix_train": cfg.model_dump(), "shard": k,
-                                "shard_size": len(y), "stacked_with": len(shards)})
+                                "shard_size": len(shard), "stacked_with": len(shards)})
             tracker.record_inputs(inputs)
             tracker.log_dataset(f"shard_{k}", layout.MANIFEST, manifest["content_hash"], f"shard_{k}")
 
@@ -82,14 +83,14 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=lambda e, losses: progress.update(e, sum(losses) / len(losses)),
             )
 
-        for k, tracker, state, history, (_, y) in zip(shards, trackers, states, histories, shard_data):
+        for k, tracker, state, history, shard in zip(shards, trackers, states, histories, shard_data):
             model.load_state_dict(state)
             val_acc = accuracy(predict_logits(model, data.x_val), data.y_val)
             metadata = {
                 **inherited_metadata(pre_meta),
                 "stage": "mix_train",
                 "shard": k,
-                "shard_size": len(y),
+                "shard_size": len(shard),
                 "label_histogram": manifest["shards"][k]["label_histogram"],
                 "config": {"base": base.model_dump(), "mix_train": cfg.model_dump()},
                 "inputs": {str(f): md5(f) for f in inputs},
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log_metrics({"val_accuracy": val_acc})
             tracker.record_outputs([out, hist_csv])
             tracker.log_artifacts([hist_csv])
-            print(f"mix_train: shard {k} ({len(y)} samples, {mixer_name}, {cfg.loss.method}) val accuracy {val_acc:.4f}")
+            print(f"mix_train: shard {k} ({len(shard)} samples, {mixer_name}, {cfg.loss.method}) val accuracy {val_acc:.4f}")
 
 
 def recipe_for(cfg, num_classes: int) -> MixRecipe:
@@ -110,9 +111,8 @@ def recipe_for(cfg, num_classes: int) -> MixRecipe:
                      cfg.label_smoothing)
 
 
-def train_one(model, shard_data, recipe: MixRecipe, cfg, schedule, seed, shard, device):
+def train_one(model, shard_data: BatchSource, recipe: MixRecipe, cfg, schedule, seed, shard, device):
     """One expert in this process: torch's own optimiser and scheduler (training.fit)."""
-    x, y = shard_data
     torch.manual_seed(mixing_seed(seed, shard))  # torchvision's mixers draw from the global RNG
     g = cli.generator(batch_order_seed(seed, shard), device)
     progress = Progress(f"mix_train[shard {shard}, {'+'.join(recipe.names)}]", cfg.epochs)
@@ -120,13 +120,13 @@ def train_one(model, shard_data, recipe: MixRecipe, cfg, schedule, seed, shard, 
         model = model.to(memory_format=torch.channels_last)
     model.train()
 
-    def loss_fn(b: torch.Tensor) -> torch.Tensor:
-        inputs, targets = recipe.batch(x[b], y[b])
+    def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        inputs, targets = recipe.batch(xb, yb)
         return recipe.loss(model(inputs), targets)
 
     hooks = recipe.attach(model)
     try:
-        history = fit(model.parameters(), loss_fn, len(y), schedule, g, device,
+        history = fit(model.parameters(), loss_fn, shard_data, schedule, g, device,
                       on_epoch=lambda e, loss: progress.update(e, loss))
     finally:
         for h in hooks:

@@ -17,7 +17,8 @@ from pipeline.models import build
 from pipeline.objectives import OBJECTIVES
 from pipeline.probes import probe_scores
 from pipeline.progress import Progress
-from pipeline.stage_io import architecture, load_prepared
+from pipeline.data_path import BatchSource
+from pipeline.stage_io import architecture, load_prepared, source
 from pipeline.tracking import Tracker
 from pipeline.training import Schedule, extract_features, fit, predict_logits
 
@@ -27,15 +28,15 @@ def linear_probe(model, x, y, num_classes, epochs, g, device) -> list[float]:
     """Fit only the classifier on frozen features (features computed once)."""
     feats = extract_features(model, x)
     head = model.classifier
-    return fit(head.parameters(), lambda idx: F.cross_entropy(head(feats[idx]), y[idx]),
-               len(y), Schedule(epochs, 256, 0.1, 0.9, 0.0), g, device)
+    return fit(head.parameters(), lambda xb, yb: F.cross_entropy(head(xb), yb),
+               BatchSource(feats, y, device), Schedule(epochs, 256, 0.1, 0.9, 0.0), g, device)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = cli.parser("pretrain").parse_args(argv)
     base, cfg = config.load("pretrain", args.params)
     device = cli.setup(base.seed, base.device, base.torch_threads)
-    data = load_prepared(device)
+    data = load_prepared(device, base.data_path)
     arch = architecture(cfg.arch, data, cfg.width)
 
     with Tracker("pretrain", "pretrain", params_file=args.params) as tracker:
@@ -46,15 +47,15 @@ def main(argv: list[str] | None = None) -> None:
         model = build(cfg.arch, arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        objective = OBJECTIVES[cfg.method](model, data.x_train[:2], cfg.temperature).to(device)
+        objective = OBJECTIVES[cfg.method](model, data.x_train[:2].to(device), cfg.temperature).to(device)
         g = cli.generator(base.seed, device)
         progress = Progress(f"pretrain[{cfg.method}]", cfg.epochs)
         x, y = data.x_train, data.y_train
         model.train()
         history = fit(
             list(model.parameters()) + list(objective.parameters()),
-            lambda idx: objective(model, x[idx], y[idx], g),
-            len(y), Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay), g, device,
+            lambda xb, yb: objective(model, xb, yb, g),
+            source(data, x, y, device, base.loader_workers), Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay), g, device,
             on_epoch=lambda e, loss: progress.update(e, loss),
         )
         if not objective.trains_classifier:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from pipeline.data_path import BatchSource
 from pipeline.training import Schedule, autocast, batches, steps_per_epoch
 
 StateDict = dict[str, torch.Tensor]
@@ -68,7 +69,7 @@ def _lr_schedules(k: int, schedule: Schedule, sizes: list[int]):
 def fit_stacked(
     model: nn.Module,
     inits: list[StateDict],
-    data: list[tuple[torch.Tensor, torch.Tensor]],
+    data: list[BatchSource],
     prepare_batch: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: Schedule,
@@ -76,7 +77,7 @@ def fit_stacked(
     device: torch.device,
     on_epoch: Callable[[int, list[float]], None] | None = None,
 ) -> tuple[list[StateDict], list[list[float]]]:
-    """Fine-tune K experts from ``inits`` on ``data[k] = (x_k, y_k)``.
+    """Fine-tune K experts from ``inits`` on ``data[k]`` (expert k's shard).
 
     ``prepare_batch(k, x, y) -> (inputs, targets)`` builds expert k's batch (mixing);
     ``loss(logits, targets) -> scalar`` must be vmappable. ``model`` supplies the
@@ -89,7 +90,7 @@ def fit_stacked(
     params = {n: torch.stack([s[n] for s in inits]).to(device).requires_grad_() for n in names_p}
     buffers = {n: torch.stack([s[n] for s in inits]).to(device) for n in names_b}
     momentum_buf: dict[str, torch.Tensor | None] = {n: None for n in names_p}
-    sizes = [len(y) for _, y in data]
+    sizes = [len(source) for source in data]
     lrs = _lr_schedules(k_experts, schedule, sizes)
     stepped = [0] * k_experts  # steps taken by each expert (its momentum buffer exists after the first)
 
@@ -98,17 +99,20 @@ def fit_stacked(
 
     history: list[list[float]] = [[] for _ in range(k_experts)]
     for epoch in range(1, schedule.epochs + 1):
-        plans = [list(batches(sizes[i], schedule.batch_size, generators[i], device)) for i in range(k_experts)]
+        streams = [data[i].epoch(batches(sizes[i], schedule.batch_size, generators[i], device))
+                   for i in range(k_experts)]
+        steps = [steps_per_epoch(size, schedule.batch_size) for size in sizes]
         totals = [torch.zeros((), device=device) for _ in range(k_experts)]
-        for step in range(max(len(p) for p in plans)):
-            active = [i for i in range(k_experts) if step < len(plans[i])]
+        for step in range(max(steps)):
+            active = [i for i in range(k_experts) if step < steps[i]]
+            batch = {i: next(streams[i]) for i in active}
             for p in params.values():
                 p.grad = None
             groups: dict[int, list[int]] = {}
             for i in active:
-                groups.setdefault(len(plans[i][step]), []).append(i)
+                groups.setdefault(len(batch[i][1]), []).append(i)
             for members in groups.values():
-                built = [prepare_batch(i, data[i][0][plans[i][step]], data[i][1][plans[i][step]]) for i in members]
+                built = [prepare_batch(i, *batch[i]) for i in members]
                 xs = torch.stack([b[0] for b in built])
                 ts = torch.stack([b[1] for b in built])
                 whole = len(members) == k_experts
@@ -131,7 +135,7 @@ def fit_stacked(
                 lrs[i][0].step()  # a no-op (no gradients); keeps the scheduler's step-order check quiet
                 lrs[i][1].step()
         for i in range(k_experts):
-            history[i].append(totals[i].item() / len(plans[i]))
+            history[i].append(totals[i].item() / steps[i])
         if on_epoch is not None:
             on_epoch(epoch, [h[-1] for h in history])
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from pipeline import layout
+from pipeline import data_path, layout
 from pipeline.checkpoints import load_tensors
+from pipeline.data_path import BatchSource
 from pipeline.models import build
 
 
@@ -21,15 +22,25 @@ class Prepared:
     x_test: torch.Tensor
     y_test: torch.Tensor
     meta: dict[str, Any]
+    path: str  # "resident": images on the device; "host": memory-mapped in host memory
 
     @property
     def num_classes(self) -> int:
         return self.meta["num_classes"]
 
 
-def load_prepared(device: torch.device) -> Prepared:
-    tensors, meta = load_tensors(layout.DATASET, device)
-    return Prepared(**tensors, meta=meta)
+def load_prepared(device: torch.device, path: str = "resident") -> Prepared:
+    """The prepared splits; labels on ``device``, images there too unless ``path`` (see
+    pipeline.data_path) leaves them memory-mapped in host memory."""
+    path = data_path.choose(path, layout.DATASET, device)
+    tensors, meta = load_tensors(layout.DATASET, "cpu")  # memory-mapped by safetensors
+    on = {k: v.to(device) if k.startswith("y_") or path == "resident" else v for k, v in tensors.items()}
+    return Prepared(**on, meta=meta, path=path)
+
+
+def source(data: Prepared, x: torch.Tensor, y: torch.Tensor, device: torch.device, workers: int) -> BatchSource:
+    """A training set served the way ``data`` was loaded."""
+    return BatchSource(x, y, device, data.path, workers)
 
 
 def load_manifest() -> dict[str, Any]:
@@ -38,8 +49,8 @@ def load_manifest() -> dict[str, Any]:
 
 def shard_tensors(data: Prepared, manifest: dict[str, Any], shard: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The training images and labels of one shard, as the manifest lists them."""
-    index = torch.tensor(manifest["shards"][shard]["indices"], dtype=torch.long, device=data.x_train.device)
-    return data.x_train[index], data.y_train[index]
+    index = torch.tensor(manifest["shards"][shard]["indices"], dtype=torch.long)
+    return data.x_train[index.to(data.x_train.device)], data.y_train[index.to(data.y_train.device)]
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

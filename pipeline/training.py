@@ -1,7 +1,6 @@
-"""A minimal training loop over device-resident tensors (no DataLoader, no per-sample Python).
-
-Batches come from a permutation drawn on the device with a seeded generator; the loss
-function receives the batch and decides about augmentation and mixing.
+"""A minimal training loop: batches from a seeded device permutation, served by a
+pipeline.data_path.BatchSource (device-resident, or a DataLoader from host memory); the
+loss function receives the batch and decides about augmentation and mixing.
 """
 from __future__ import annotations
 
@@ -11,6 +10,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from pipeline.data_path import BatchSource
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def fit(
     params: Iterable[nn.Parameter],
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
-    n: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    source: BatchSource,
     schedule: Schedule,
     g: torch.Generator,
     device: torch.device,
@@ -55,7 +56,7 @@ def fit(
 ) -> list[float]:
     """SGD with Nesterov momentum and a per-step cosine learning rate.
 
-    ``loss_fn(batch_indices) -> scalar loss``. Returns the mean loss of each epoch; the
+    ``loss_fn(x_batch, y_batch) -> scalar loss``. Returns the mean loss of each epoch; the
     running sum stays on the device and is read once per epoch (no per-step sync).
     """
     params = [p for p in params if p.requires_grad]
@@ -63,13 +64,14 @@ def fit(
         params, lr=schedule.lr, momentum=schedule.momentum, nesterov=schedule.momentum > 0,
         weight_decay=schedule.weight_decay,
     )
+    n = len(source)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch(n, schedule.batch_size))
     history = []
     for epoch in range(1, schedule.epochs + 1):
         total, count = torch.zeros((), device=device), 0
-        for idx in batches(n, schedule.batch_size, g, device):
+        for xb, yb in source.epoch(batches(n, schedule.batch_size, g, device)):
             with autocast(device):
-                loss = loss_fn(idx)
+                loss = loss_fn(xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -85,11 +87,13 @@ def fit(
 @torch.no_grad()
 def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x: torch.Tensor,
                 batch_size: int) -> torch.Tensor:
+    """``fn`` over ``x`` in batches, each moved to the model's device (``x`` may be in host memory)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(x), batch_size):
-        with autocast(x.device):
-            out.append(fn(x[start : start + batch_size]).float())
+        with autocast(device):
+            out.append(fn(x[start : start + batch_size].to(device, non_blocking=True)).float())
     return torch.cat(out)
 
 

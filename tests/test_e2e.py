@@ -4,6 +4,7 @@ import pickle
 import sys
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -202,3 +203,25 @@ def test_registered_model_loads_by_alias_and_unpickles_nothing(mlflow_client, re
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs.argmax(1) == digits.target[:32]).mean() > 0.3
     assert calls == [], "loading the model must not unpickle anything"
+
+
+def test_host_data_path_reproduces_the_resident_pipeline(repro_project, tmp_path):
+    # The same stages with the images left in host memory, memory-mapped, and served by
+    # DataLoader worker processes: the same expert, the same merges, the same table.
+    import shutil
+
+    from pipeline.checkpoints import load_tensors
+
+    root = tmp_path / "host"
+    shutil.copytree(repro_project, root, symlinks=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["base"].update(data_path="host", loader_workers=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "results/models.csv").unlink()
+    for cmd in (["mix_train", "--shard", "0"], ["merge"], ["evaluate"]):
+        proc = run([sys.executable, "-m", f"pipeline.{cmd[0]}", *cmd[1:]], root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    resident, _ = load_tensors(repro_project / "data/experts/shard_0.safetensors")
+    host, _ = load_tensors(root / "data/experts/shard_0.safetensors")
+    assert all(torch.equal(resident[n], host[n]) for n in resident)
+    assert (root / "results/models.csv").read_text() == (repro_project / "results/models.csv").read_text()

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 
+from pipeline.data_path import BatchSource
 from pipeline.mix_recipe import MixRecipe
 from pipeline.models import SmallCNN
 from pipeline.stacked import RngStreams, fit_stacked
@@ -34,9 +35,13 @@ def recipe(name):
     return MixRecipe(mixers, 1.0, 10, loss, options, smoothing)
 
 
-def one_by_one(init, data, mixer):
+def sources(data, path="resident", workers=0):
+    return [BatchSource(x, y, CPU, path, workers) for x, y in data]
+
+
+def one_by_one(init, data, mixer, path="resident", workers=0):
     states, histories = [], []
-    for k, (x, y) in enumerate(data):
+    for k, source in enumerate(sources(data, path, workers)):
         model = SmallCNN(1, 10, 4)
         model.load_state_dict(init)
         model.train()
@@ -45,11 +50,11 @@ def one_by_one(init, data, mixer):
 
         r = recipe(mixer)
 
-        def loss_fn(b):
-            inputs, targets = r.batch(x[b], y[b])
+        def loss_fn(xb, yb):
+            inputs, targets = r.batch(xb, yb)
             return r.loss(model(inputs), targets)
 
-        histories.append(fit(model.parameters(), loss_fn, len(y), SCHEDULE, g, CPU))
+        histories.append(fit(model.parameters(), loss_fn, source, SCHEDULE, g, CPU))
         states.append(copy.deepcopy(model.state_dict()))
     return states, histories
 
@@ -63,11 +68,7 @@ def test_stacked_training_matches_training_one_by_one(mixer):
 
     streams = RngStreams([100 + k for k in range(len(SIZES))])
     recipes = [recipe(mixer) for _ in SIZES]
-    states, hist = fit_stacked(
-        SmallCNN(1, 10, 4), [init] * len(SIZES), data,
-        lambda k, x, y: streams.run(k, recipes[k].batch, x, y),
-        recipes[0].loss, SCHEDULE, [torch.Generator().manual_seed(k) for k in range(len(SIZES))], CPU,
-    )
+    states, hist = stacked(init, sources(data), streams, recipes)
     for k in range(len(SIZES)):
         assert hist[k] == pytest.approx(ref_hist[k], rel=1e-4, abs=1e-5), k
         for name, ref in ref_states[k].items():
@@ -77,6 +78,32 @@ def test_stacked_training_matches_training_one_by_one(mixer):
         # and the experts really differ from one another and from the start
         assert not torch.allclose(states[k]["classifier.weight"], init["classifier.weight"])
     assert not torch.allclose(states[0]["classifier.weight"], states[1]["classifier.weight"])
+
+
+def stacked(init, data, streams, recipes):
+    return fit_stacked(
+        SmallCNN(1, 10, 4), [init] * len(SIZES), data,
+        lambda k, x, y: streams.run(k, recipes[k].batch, x, y),
+        recipes[0].loss, SCHEDULE, [torch.Generator().manual_seed(k) for k in range(len(SIZES))], CPU,
+    )
+
+
+def test_host_data_path_trains_exactly_what_the_resident_path_trains():
+    # The DataLoader path (worker processes gathering batches from host memory) must serve the
+    # same batches in the same order, one by one and stacked alike.
+    torch.manual_seed(0)
+    init = copy.deepcopy(SmallCNN(1, 10, 4).state_dict())
+    data = shards()
+    resident, resident_hist = one_by_one(init, data, "cutmix")
+    host, host_hist = one_by_one(init, data, "cutmix", path="host", workers=2)
+    assert host_hist == resident_hist
+    for a, b in zip(resident, host):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    recipes = [recipe("mixup") for _ in SIZES]
+    runs = [stacked(init, sources(data, path, 2), RngStreams([100 + k for k in range(len(SIZES))]), recipes)
+            for path in ("resident", "host")]
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(runs[0][0], runs[1][0]) for n in a)
 
 
 def test_rng_streams_are_independent_of_the_global_rng():

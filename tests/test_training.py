@@ -2,7 +2,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data_path import BatchSource
 from pipeline.training import Schedule, batches, fit
+
+CPU = torch.device("cpu")
 
 
 def test_batches_cover_every_index_once_per_epoch():
@@ -23,7 +26,7 @@ def test_fit_learns_a_separable_problem_and_repeats_under_a_seed():
         x = torch.randn(200, 2)
         y = (x[:, 0] > 0).long()
         model = nn.Linear(2, 2)
-        hist = fit(model.parameters(), lambda i: F.cross_entropy(model(x[i]), y[i]), 200,
+        hist = fit(model.parameters(), lambda xb, yb: F.cross_entropy(model(xb), yb), BatchSource(x, y, CPU),
                    Schedule(20, 32, 0.5), torch.Generator().manual_seed(0), torch.device("cpu"))
         return hist, (model(x).argmax(1) == y).float().mean().item()
 
