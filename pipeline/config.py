@@ -57,6 +57,9 @@ class BaseConfig(Strict):
     # DataLoader (host, for datasets that do not fit); auto decides by size (pipeline.data_path).
     data_path: Literal["auto", "resident", "host"] = "auto"
     loader_workers: NonNegativeInt = 2  # host path: DataLoader worker processes
+    # torch.compile the training step's forward (pretrain, mix_train). It pays for its
+    # compilation (tens of seconds, again for each new batch shape) only on long GPU runs.
+    compile: bool = False
     # K = len(shards). A list, not a count, because DVC's foreach needs a list.
     shards: list[NonNegativeInt] = Field(min_length=1)
 

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             states, histories = [], []
             for k, recipe, one_shard in zip(shards, recipes, shard_data):
                 model.load_state_dict(init)
-                state, history = train_one(model, one_shard, recipe, cfg, schedule, base.seed, k, device)
+                state, history = train_one(model, one_shard, recipe, cfg, schedule, base.seed, k, device,
+                                           base.compile)
                 states.append(state)
                 histories.append(history)
         else:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 lambda i, x, y: streams.run(i, recipes[i].batch, x, y),
                 recipes[0].loss, schedule,
                 [cli.generator(batch_order_seed(base.seed, k), device) for k in shards], device,
-                on_epoch=lambda e, losses: progress.update(e, sum(losses) / len(losses)),
+                on_epoch=lambda e, losses: progress.update(e, sum(losses) / len(losses)), compile=base.compile,
             )
 
         for k, tracker, state, history, shard in zip(shards, trackers, states, histories, shard_data):
@@ -111,7 +112,8 @@ def recipe_for(cfg, num_classes: int) -> MixRecipe:
                      cfg.label_smoothing)
 
 
-def train_one(model, shard_data: BatchSource, recipe: MixRecipe, cfg, schedule, seed, shard, device):
+def train_one(model, shard_data: BatchSource, recipe: MixRecipe, cfg, schedule, seed, shard, device,
+              compile: bool = False):
     """One expert in this process: torch's own optimiser and scheduler (training.fit)."""
     torch.manual_seed(mixing_seed(seed, shard))  # torchvision's mixers draw from the global RNG
     g = cli.generator(batch_order_seed(seed, shard), device)
@@ -119,10 +121,11 @@ def train_one(model, shard_data: BatchSource, recipe: MixRecipe, cfg, schedule, 
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    forward = torch.compile(model) if compile else model  # shares the model's parameters
 
     def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         inputs, targets = recipe.batch(xb, yb)
-        return recipe.loss(model(inputs), targets)
+        return recipe.loss(forward(inputs), targets)
 
     hooks = recipe.attach(model)
     try:

@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         progress = Progress(f"pretrain[{cfg.method}]", cfg.epochs)
         x, y = data.x_train, data.y_train
         model.train()
+        loss_of = torch.compile(objective) if base.compile else objective  # random draws break the graph: eager
         history = fit(
             list(model.parameters()) + list(objective.parameters()),
-            lambda xb, yb: objective(model, xb, yb, g),
+            lambda xb, yb: loss_of(model, xb, yb, g),
             source(data, x, y, device, base.loader_workers), Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay), g, device,
             on_epoch=lambda e, loss: progress.update(e, loss),
         )

@@ -76,12 +76,14 @@ def fit_stacked(
     generators: list[torch.Generator],
     device: torch.device,
     on_epoch: Callable[[int, list[float]], None] | None = None,
+    compile: bool = False,
 ) -> tuple[list[StateDict], list[list[float]]]:
     """Fine-tune K experts from ``inits`` on ``data[k]`` (expert k's shard).
 
     ``prepare_batch(k, x, y) -> (inputs, targets)`` builds expert k's batch (mixing);
     ``loss(logits, targets) -> scalar`` must be vmappable. ``model`` supplies the
     architecture only. Returns the K final state dicts and each expert's per-epoch mean loss.
+    ``compile`` runs the vmapped forward through torch.compile.
     """
     k_experts = len(inits)
     model = model.to(device).train()
@@ -96,6 +98,8 @@ def fit_stacked(
 
     def forward(p, b, x):
         return functional_call(model, (p, b), (x,))
+
+    stacked_forward = torch.compile(vmap(forward)) if compile else vmap(forward)
 
     history: list[list[float]] = [[] for _ in range(k_experts)]
     for epoch in range(1, schedule.epochs + 1):
@@ -120,7 +124,7 @@ def fit_stacked(
                 p_sub = params if whole else {n: v[rows] for n, v in params.items()}
                 b_sub = buffers if whole else {n: v[rows].clone() for n, v in buffers.items()}
                 with autocast(device):
-                    logits = vmap(forward)(p_sub, b_sub, xs)
+                    logits = stacked_forward(p_sub, b_sub, xs)
                 losses = vmap(loss)(logits.float(), ts)
                 losses.sum().backward()
                 if not whole:
