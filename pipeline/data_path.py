@@ -71,8 +71,11 @@ class BatchSource:
             for idx in index_batches:
                 yield self.x[idx], self.y[idx]
             return
-        plan = list(index_batches)  # device indices: one transfer for the whole epoch's order
-        host_plan = [idx.cpu() for idx in plan]
+        plan = list(index_batches)
+        if not plan:
+            return
+        # The device indices reach the host in one transfer for the whole epoch, not one per batch.
+        host_plan = list(torch.cat(plan).cpu().split([len(idx) for idx in plan]))
         # batch_size=None: each "sample" the sampler yields is a whole index batch. A generator
         # of its own, because a DataLoader draws its workers' seed from the global RNG otherwise,
         # and the mixers' randomness comes from there.
