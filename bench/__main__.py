@@ -303,7 +303,8 @@ def bench_gpu_utilisation(device, repeats, k=8, batch_size=512, width=64):
             "note": f"{achieved / 1e12:.1f} TFLOP/s, K={k}, small_cnn width {width}, batch {batch_size}"}
 
 
-ROWS = {"experts": bench_experts, "data": bench_data_path, "data_digits": bench_data_path_digits, "merge": bench_merge, "mlflow": bench_mlflow,
+ROWS = {"experts": bench_experts, "data": bench_data_path, "data_digits": bench_data_path_digits,
+        "merge": bench_merge, "mlflow": bench_mlflow,
         "dvc": bench_dvc, "flow": bench_flow, "gpu": bench_gpu_utilisation}
 
 

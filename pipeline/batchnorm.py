@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.data_path import to_model_device
+
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -28,11 +30,10 @@ def recalibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.
         m.momentum = None  # cumulative moving average over all batches
     was_training = model.training
     model.train()
-    device = next(model.parameters()).device
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
         if len(batch) >= 2:
-            model(batch.to(device, non_blocking=True))  # x may be in host memory
+            model(to_model_device(batch, model))
     for m, momentum in saved:
         m.momentum = momentum
     model.train(was_training)

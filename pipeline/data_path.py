@@ -39,6 +39,11 @@ def choose(path: str, dataset_file: str | Path, device: torch.device) -> str:
     return "resident" if Path(dataset_file).stat().st_size <= free_memory(device) // 2 else "host"
 
 
+def to_model_device(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """``x`` (a slice of a split, perhaps in host memory) on the device of ``model``."""
+    return x.to(next(model.parameters()).device, non_blocking=True)
+
+
 class _Gather(Dataset):
     """Indexed by a whole batch of indices at once: one gather per batch, not per sample."""
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pipeline.batchnorm import recalibrate
+from pipeline.data_path import to_model_device
 from pipeline.metrics import accuracy
 from pipeline.training import predict_logits
 
@@ -73,7 +74,7 @@ def diagonal_fisher(model: nn.Module, state: StateDict, x: torch.Tensor, g: torc
     per_example = vmap(grad(log_prob), in_dims=(None, 0, 0))
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for start in range(0, len(x), chunk):
-        xb = x[start : start + chunk].to(g.device, non_blocking=True)  # x may be in host memory
+        xb = to_model_device(x[start : start + chunk], model)
         with torch.no_grad():
             probs = functional_call(model, (params, buffers), (xb,)).softmax(-1)
         yb = torch.multinomial(probs, 1, generator=g).squeeze(1)
@@ -109,7 +110,7 @@ def input_grams(model: nn.Module, state: StateDict, x: torch.Tensor, batch_size:
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers.items()]
     try:
         for start in range(0, len(x), batch_size):
-            model(x[start : start + batch_size].to(next(model.parameters()).device, non_blocking=True))
+            model(to_model_device(x[start : start + batch_size], model))
     finally:
         for h in handles:
             h.remove()

@@ -46,6 +46,7 @@ def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor],
 def _weighted_sum(experts: list[StateDict], weights: list[float]) -> StateDict:
     """sum_k w_k * expert_k, accumulated in place tensor by tensor: each expert tensor is
     read once and nothing of size K x tensor is ever built (memory-bound, no stacking)."""
+    _check_same_keys(experts)
     out: StateDict = {}
     for key, first in experts[0].items():
         if not first.is_floating_point():
@@ -74,7 +75,6 @@ def _is_running_stat(key: str) -> bool:
 @MERGERS.register("uniform")
 def uniform(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor) -> StateDict:
     """Uniform weight averaging (model soup / 'uniform soup', Wortsman et al. 2022)."""
-    _check_same_keys(experts)
     return _weighted_sum(experts, [1.0 / len(experts)] * len(experts))
 
 
@@ -82,7 +82,6 @@ def uniform(experts: list[StateDict], base: StateDict | None, weights: torch.Ten
 def fedavg(experts: list[StateDict], base: StateDict | None, weights: torch.Tensor) -> StateDict:
     """FedAvg's aggregation: average weighted by each client's number of samples
     (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data")."""
-    _check_same_keys(experts)
     return _weighted_sum(experts, [float(w) for w in weights])
 
 

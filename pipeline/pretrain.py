@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         progress = Progress(f"pretrain[{cfg.method}]", cfg.epochs)
         x, y = data.x_train, data.y_train
         model.train()
-        loss_of = torch.compile(objective) if base.compile else objective  # random draws break the graph: eager
+        loss_of = torch.compile(objective) if base.compile else objective
         history = fit(
             list(model.parameters()) + list(objective.parameters()),
             lambda xb, yb: loss_of(model, xb, yb, g),

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from pipeline.data_path import BatchSource
+from pipeline.data_path import BatchSource, to_model_device
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,11 @@ def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, x:
                 batch_size: int) -> torch.Tensor:
     """``fn`` over ``x`` in batches, each moved to the model's device (``x`` may be in host memory)."""
     model.eval()
-    device = next(model.parameters()).device
     out = []
     for start in range(0, len(x), batch_size):
-        with autocast(device):
-            out.append(fn(x[start : start + batch_size].to(device, non_blocking=True)).float())
+        batch = to_model_device(x[start : start + batch_size], model)
+        with autocast(batch.device):
+            out.append(fn(batch).float())
     return torch.cat(out)
 
 
