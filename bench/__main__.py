@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.augment import random_affine
 from pipeline.data_path import BatchSource
 from pipeline.merging import MERGERS
@@ -318,10 +319,11 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as every stage process does (pipeline.cli.setup)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+               "torch_threads": torch.get_num_threads(), "malloc": "keeps freed memory" if kept else "system default", "torch": torch.__version__, "python": platform.python_version()}
     results = []
     for name in args.only or list(ROWS):
         print(f"... {name}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.errors import ConfigError, DataError
 
 EXIT_BAD_CONFIG = 2
@@ -44,7 +45,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup(seed: int, device: str, threads: int) -> torch.device:
-    """Seed every RNG and fix the thread count, so CPU runs repeat bit for bit."""
+    """Seed every RNG and fix the thread count, so CPU runs repeat bit for bit; keep freed
+    CPU memory mapped (pipeline.allocator)."""
+    keep_freed_memory()
     torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)
