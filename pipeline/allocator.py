@@ -5,7 +5,7 @@ large has been freed once) with a fresh mmap, and trims the heap's free top back
 kernel. PyTorch's CPU allocator sits on malloc, so a training step that allocates and frees
 the same activation-sized temporaries over and over pays a page fault per 4 KiB page each
 time. Raising the threshold to glibc's maximum (32 MiB) and switching trimming off removes
-that: on the 2-core CI machine, K=8 stacked training in `python -m bench --only experts` took
+that: on the 2-core CPU machine, K=8 stacked training in `python -m bench --only experts` took
 0.173 s against 0.188-0.226 s with glibc's defaults, at the same peak memory.
 
 Left as it is: blocks over 32 MiB are still mmapped. Switching mmap off altogether made a
