@@ -323,7 +323,8 @@ def main() -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               "torch_threads": torch.get_num_threads(), "malloc": "keeps freed memory" if kept else "system default", "torch": torch.__version__, "python": platform.python_version()}
+               "torch_threads": torch.get_num_threads(), "malloc": "keeps freed memory" if kept else "system default",
+               "torch": torch.__version__, "python": platform.python_version()}
     results = []
     for name in args.only or list(ROWS):
         print(f"... {name}", file=sys.stderr, flush=True)

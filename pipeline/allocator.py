@@ -6,7 +6,8 @@ kernel. PyTorch's CPU allocator sits on malloc, so a training step that allocate
 the same activation-sized temporaries over and over pays a page fault per 4 KiB page each
 time. Raising the threshold to glibc's maximum (32 MiB) and switching trimming off removes
 that: on the 2-core CPU machine, K=8 stacked training in `python -m bench --only experts` took
-0.173 s against 0.188-0.226 s with glibc's defaults, at the same peak memory.
+0.170-0.177 s against 0.203-0.242 s with glibc's defaults (3 alternating runs each), at the
+same peak memory.
 
 Left as it is: blocks over 32 MiB are still mmapped. Switching mmap off altogether made a
 75 MB tensor clone 6x faster (3.4 vs 20.8 ms), but glibc does not reuse a freed block for

@@ -250,7 +250,7 @@ def dare(
             out[key] = first.clone()
             continue
         if _is_running_stat(key):  # statistics, not learned weights: no task vector
-            out[key] = _weighted_sum([{key: e[key]} for e in experts], [1 / len(experts)] * len(experts))[key]
+            out[key] = (sum(e[key].float() for e in experts) / len(experts)).to(first.dtype)
             continue
         theta0 = base[key].float()
         g = _tensor_generator(seed, key, first.device)
