@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from pipeline.alignment import align_experts, permute, small_cnn_spec, weight_matching
+from pipeline.drop_masks import CHUNK, DropMasks
 from pipeline.merge_data import MergeData, diagonal_fisher, input_grams
 from pipeline.merging import (
-    MERGERS, _tensor_generator, breadcrumbs_mask, dare_drop, dare_keep_mask, pcb_combine, ties_combine,
+    MERGERS, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine,
     top_magnitude_thresholds,
 )
 from pipeline.models import SmallCNN
@@ -157,26 +158,50 @@ def deltas_of(*rows):
 
 def test_dare_keeps_a_density_fraction_rescaled_and_is_unbiased():
     d = torch.randn(2, 100_000)
-    out = dare_drop(d, 0.3, torch.Generator().manual_seed(0))
+    out = dare_drop(d, 0.3, 0, "w")
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.01
     q = round(0.3 * 2**16) / 2**16  # the keep probability, 0.3 to a multiple of 2^-16
     assert torch.allclose(out[kept], d[kept] / q)
-    assert torch.equal(out, dare_drop(d, 0.3, torch.Generator().manual_seed(0))), "seeded"
-    mean = torch.stack([dare_drop(d[:, :50], 0.3, torch.Generator().manual_seed(s)) for s in range(4000)]).mean(0)
+    assert torch.equal(out, dare_drop(d, 0.3, 0, "w")), "seeded"
+    assert not torch.equal(out, dare_drop(d, 0.3, 1, "w")), "another seed drops other entries"
+    assert not torch.equal(out, dare_drop(d, 0.3, 0, "v")), "another tensor drops other entries"
+    mean = torch.stack([dare_drop(d[:, :50], 0.3, s, "w") for s in range(4000)]).mean(0)
     assert torch.allclose(mean, d[:, :50], atol=0.15), "E[drop-and-rescale] = the task vector"
 
 
 @pytest.mark.parametrize("density", [0.01, 0.3, 0.9])
-def test_dare_mask_keeps_density_at_every_position_of_a_64_bit_draw(density):
-    """Each 64-bit draw gives four 16-bit uniforms; all four positions must be fair."""
-    keep, q = dare_keep_mask(torch.Size([4 * 100_000]), density, torch.Generator().manual_seed(1), torch.device("cpu"))
-    assert abs(q - density) <= 2**-17
+def test_drop_masks_keep_density_at_every_position_of_a_64_bit_draw(density):
+    """Each 64-bit draw gives four 16-bit uniforms; all four positions must be fair, and
+    entries must be independent of their neighbours, within a chunk's stream and across
+    chunks' streams and experts."""
+    n = 4 * 100_000
+    masks = DropMasks(1, "w", n, density)
+    keep, second = masks.next().bool(), masks.next().bool()
+    assert abs(masks.q - density) <= 2**-17
     for position in range(4):
         share = keep.view(-1, 4)[:, position].float().mean().item()
-        assert abs(share - q) < 5 * (q * (1 - q) / 100_000) ** 0.5 + 1e-4, (position, share)
-    pairs = (keep[:-1] & keep[1:]).float().mean().item()
-    assert abs(pairs - q * q) < 0.01, "neighbouring entries are independent"
+        assert abs(share - masks.q) < 5 * (masks.q * (1 - masks.q) / 100_000) ** 0.5 + 1e-4, (position, share)
+    tolerance = 5 * (masks.q * (1 - masks.q) / n) ** 0.5 + 1e-4
+    assert abs((keep[:-1] & keep[1:]).float().mean().item() - masks.q**2) < tolerance, "neighbours independent"
+    assert abs((keep & second).float().mean().item() - masks.q**2) < tolerance, "experts independent"
+    chunks = keep[: n // CHUNK * CHUNK].view(-1, CHUNK)
+    assert abs((chunks[:-1] & chunks[1:]).float().mean().item() - masks.q**2) < tolerance, "chunks independent"
+
+
+def test_drop_masks_do_not_depend_on_the_thread_count():
+    n = 5 * CHUNK + 123  # chunks that two threads cannot share out evenly, and a partial one
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [m.next() for m in [DropMasks(3, "w", n, 0.5)] for _ in range(3)]
+        torch.set_num_threads(4)
+        four = [m.next() for m in [DropMasks(3, "w", n, 0.5)] for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, four))
+    assert not torch.equal(one[0], one[1]), "each expert gets a mask of its own"
+    assert set(one[0].unique().tolist()) == {0.0, 1.0}
 
 
 def test_dare_merges_expert_by_expert_exactly_as_drop_on_the_stack():
@@ -188,7 +213,7 @@ def test_dare_merges_expert_by_expert_exactly_as_drop_on_the_stack():
         if not theta0.is_floating_point() or "running" in key:
             continue
         deltas = torch.stack([e[key] for e in experts]) - theta0
-        want = theta0 + 0.7 * dare_drop(deltas, 0.4, _tensor_generator(5, key, theta0.device)).sum(0)
+        want = theta0 + 0.7 * dare_drop(deltas, 0.4, 5, key).sum(0)
         assert torch.allclose(merged[key], want, atol=1e-6), key
     assert not torch.allclose(merged["classifier.weight"],
                               MERGERS["dare"](experts, base, WEIGHTS, density=0.4, scale=0.7, seed=6)["classifier.weight"])
