@@ -28,18 +28,38 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 Scale = Annotated[float, Field(gt=0)]
 
 
-def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor], torch.Tensor],
+                base: StateDict | None = None) -> StateDict:
     """Apply ``combine(key, (K, *shape) stack)`` one tensor at a time (for merges that need
-    all K values of a parameter at once, like TIES's sign election)."""
+    all K values of a parameter at once, like TIES's sign election). With ``base``, the stack
+    of a learned tensor holds the task vectors ``expert - base`` instead of the experts.
+
+    Every stack lives in one buffer, reused from tensor to tensor: a fresh stack of a large
+    tensor (over glibc's 32 MiB mmap ceiling, see pipeline.allocator) would fault in every
+    page again. ``combine`` may work in the stack in place; what it returns is copied out of
+    the buffer if it is a view into it."""
     _check_same_keys(experts)
+    buffer = torch.empty(0)
     out: StateDict = {}
     for key in experts[0]:
         first = experts[0][key]
         if not first.is_floating_point():
             out[key] = first.clone()
             continue
-        stacked = torch.stack([e[key].float() for e in experts])  # (K, *shape)
-        out[key] = combine(key, stacked).to(first.dtype)
+        shape = (len(experts), *first.shape)
+        if buffer.numel() < first.numel() * len(experts) or buffer.device != first.device:
+            buffer = torch.empty(max(e.numel() for e in experts[0].values()) * len(experts), device=first.device)
+        stacked = buffer[: first.numel() * len(experts)].view(shape)
+        theta0 = base[key].float() if base is not None and not _is_running_stat(key) else None
+        for row, e in zip(stacked, experts):
+            if theta0 is None:
+                row.copy_(e[key])
+            else:
+                torch.sub(e[key], theta0, out=row)  # the task vector in one pass
+        merged = combine(key, stacked)
+        if merged.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+            merged = merged.clone()
+        out[key] = merged.to(first.dtype)
     return out
 
 
@@ -95,10 +115,9 @@ def _task_vector_merge(
     def combine(key: str, stacked: torch.Tensor) -> torch.Tensor:
         if _is_running_stat(key):  # statistics, not learned weights: no task vector
             return stacked.mean(0)
-        theta0 = base[key].float()
-        return theta0 + combine_deltas(key, stacked.sub_(theta0))  # the stack is ours: in place
+        return base[key].float() + combine_deltas(key, stacked)
 
-    return _per_tensor(experts, combine)
+    return _per_tensor(experts, combine, base)
 
 
 @MERGERS.register("task_arithmetic")
@@ -138,9 +157,10 @@ def top_magnitude_thresholds(rows: torch.Tensor, keep: int, sample: int = 4096) 
     for start in range(0, n, _BLOCK):
         magnitude = rows[:, start:start + _BLOCK].abs()
         above += (magnitude > hi).sum(1)
-        between = (magnitude >= lo) & (magnitude <= hi)
-        inside.append(magnitude[between])
-        inside_row.append(between.nonzero()[:, 0])
+        # One nonzero for both the values and their rows (it is the costly part of the pass).
+        where = ((magnitude >= lo) & (magnitude <= hi)).nonzero()
+        inside.append(magnitude[where[:, 0], where[:, 1]])
+        inside_row.append(where[:, 0])
     values, owner = torch.cat(inside), torch.cat(inside_row)
     out = torch.empty(k, 1, dtype=rows.dtype, device=rows.device)
     for i, n_above in enumerate(above.tolist()):
@@ -164,12 +184,15 @@ def ties_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
     merged = torch.empty(n, dtype=flat.dtype, device=flat.device)
     for start in range(0, n, _BLOCK):
         block = flat[:, start:start + _BLOCK]
-        trimmed = block * (block.abs() >= threshold) if threshold is not None else block
+        trimmed = block * (block.abs() >= threshold) if threshold is not None else block.clone()
         # Elect: the sign with the larger total magnitude per parameter.
         sign = trimmed.sum(0).sign_()
         # Disjoint mean: average only the (non-zero) entries that agree with the elected sign.
-        agree = trimmed * sign > 0
-        merged[start:start + _BLOCK] = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+        # Times the sign, those are the positive entries: their sum (times the sign again) and
+        # count give the mean, bit for bit what summing the agreeing entries gives, in fewer passes.
+        signed = trimmed.mul_(sign)
+        count = (signed > 0).sum(0).clamp_(min=1)
+        torch.div(signed.clamp_(min=0).sum(0).mul_(sign), count, out=merged[start:start + _BLOCK])
     return merged.reshape(deltas.shape[1:])
 
 
@@ -189,12 +212,13 @@ def ties(
     return _task_vector_merge(experts, base, lambda _, deltas: scale * ties_combine(deltas, density))
 
 
-def dare_drop(deltas: torch.Tensor, density: float, seed: int, key: str) -> torch.Tensor:
+def dare_drop(deltas: torch.Tensor, density: float, seed: int, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """DARE on (K, *shape) task vectors: keep each entry with probability q (``density`` to
     16 bits, see pipeline.drop_masks), rescale the kept ones by 1/q so the expected task
-    vector is unchanged. Row k's mask is the k-th drawn for (seed, key), as in ``dare``."""
+    vector is unchanged. Row k's mask is the k-th drawn for (seed, key), as in ``dare``.
+    ``out=deltas`` drops in place."""
     masks = DropMasks(seed, key, deltas[0].numel(), density)
-    out = torch.empty_like(deltas)
+    out = torch.empty_like(deltas) if out is None else out
     for row, delta in enumerate(deltas):
         keep = masks.next().view(delta.shape).to(delta.device, non_blocking=True)
         torch.mul(delta, keep, out=out[row]).div_(masks.q)
@@ -253,7 +277,7 @@ def dare_ties(
     sign election and disjoint mean (Yu et al. 2024, with Yadav et al. 2023)."""
 
     def combine(key: str, d: torch.Tensor) -> torch.Tensor:
-        dropped = dare_drop(d, density, seed, key)
+        dropped = dare_drop(d, density, seed, key, out=d)  # the stack is ours
         return scale * ties_combine(dropped, density=1.0)  # nothing left to trim
 
     return _task_vector_merge(experts, base, combine)

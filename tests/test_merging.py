@@ -9,7 +9,7 @@ from pipeline.alignment import align_experts, permute, small_cnn_spec, weight_ma
 from pipeline.drop_masks import CHUNK, DropMasks
 from pipeline.merge_data import MergeData, diagonal_fisher, input_grams
 from pipeline.merging import (
-    MERGERS, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine,
+    MERGERS, _per_tensor, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine,
     top_magnitude_thresholds,
 )
 from pipeline.models import SmallCNN
@@ -388,3 +388,16 @@ def test_weight_matching_undoes_a_random_permutation_of_hidden_units():
         align_experts("resnet18_cifar", reference, [scrambled])
     perms = weight_matching(reference, scrambled, spec)
     assert all(torch.equal(scramble[grp][perms[grp]], torch.arange(len(perms[grp]))) for grp in spec)
+
+
+def test_stacks_share_one_buffer_without_leaking_views_of_it():
+    """_per_tensor reuses one stack buffer across tensors; a combine that returns a view of
+    the stack must still get its own copy, or the next tensor's stack would overwrite it."""
+    experts = [{"a": torch.full((3,), float(i)), "b": torch.full((2, 3), 10.0 + i), "c": torch.tensor(i)}
+               for i in range(3)]
+    merged = _per_tensor(experts, lambda _, stacked: stacked[1])
+    assert torch.equal(merged["a"], torch.full((3,), 1.0))
+    assert torch.equal(merged["b"], torch.full((2, 3), 11.0))
+    assert torch.equal(merged["c"], torch.tensor(0))
+    deltas = _per_tensor(experts, lambda _, stacked: stacked.sum(0), base=experts[0])
+    assert torch.equal(deltas["b"], torch.full((2, 3), 3.0)), "with a base, the stack holds task vectors"
