@@ -234,6 +234,19 @@ def test_breadcrumbs_drops_outliers_and_small_entries():
     d = deltas_of([0.9, -0.1, 0.5, -0.8, 0.05])
     # outliers 0.2 of 5 -> drop the largest (0.9); density 0.4 -> keep the next 2 (-0.8, 0.5)
     assert breadcrumbs_mask(d, density=0.4, outliers=0.2).tolist() == [[False, False, True, True, False]]
+    assert breadcrumbs_mask(d, density=0.4, outliers=0.0).tolist() == [[True, False, False, True, False]]
+    assert breadcrumbs_mask(d, density=1.0, outliers=0.2).tolist() == [[False, True, True, True, True]]
+
+
+@pytest.mark.parametrize("density,outliers", [(0.9, 0.01), (0.3, 0.0), (0.5, 0.2)])
+def test_breadcrumbs_mask_equals_the_rank_definition_on_large_rows(density, outliers):
+    """Rows long enough for the sampled select: the cut must still keep exactly ranks
+    [top, top + keep) by magnitude (distinct magnitudes, so no ties)."""
+    deltas = torch.randn(3, 100_000, generator=torch.Generator().manual_seed(2))
+    n = deltas.shape[1]
+    rank = deltas.abs().argsort(dim=1, descending=True).argsort(dim=1)
+    top, keep = int(round(outliers * n)), max(1, int(round(density * n)))
+    assert torch.equal(breadcrumbs_mask(deltas, density, outliers), (rank >= top) & (rank < top + keep))
 
 
 def test_model_stock_interpolates_by_the_angle_between_task_vectors():
