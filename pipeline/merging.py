@@ -214,7 +214,8 @@ def ties(
     return _task_vector_merge(experts, base, lambda _, deltas: scale * ties_combine(deltas, density))
 
 
-def dare_drop(deltas: torch.Tensor, density: float, seed: int, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+def dare_drop(deltas: torch.Tensor, density: float, seed: int, key: str,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """DARE on (K, *shape) task vectors: keep each entry with probability q (``density`` to
     16 bits, see pipeline.drop_masks), rescale the kept ones by 1/q so the expected task
     vector is unchanged. Row k's mask is the k-th drawn for (seed, key), as in ``dare``.
@@ -290,8 +291,8 @@ def breadcrumbs_mask(deltas: torch.Tensor, density: float, outliers: float) -> t
     keep the next ``density`` fraction; everything smaller is dropped too.
 
     Cut at two magnitude thresholds (the exact select TIES uses), not by sorting each row:
-    measured 4.5 s -> 0.5 s for K=8 ResNet-18. Entries tied in magnitude at a cut are all kept
-    or all dropped, where a sort would split them by position."""
+    measured 4.5-5.2 s -> 0.62-0.69 s for K=8 ResNet-18. Entries tied in magnitude at a cut
+    are all kept or all dropped, where a sort would split them by position."""
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1)
     n = flat.shape[1]
