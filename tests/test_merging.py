@@ -380,6 +380,21 @@ def test_pcb_worked_example_against_its_definition():
     assert torch.allclose(pcb_combine(deltas, density), expected, atol=1e-6)
 
 
+def test_pcb_blockwise_equals_the_whole_tensor_formula():
+    """pcb_combine works column block by column block; over many blocks it must equal the
+    formula applied to the whole (K, n) tensor at once."""
+    deltas = torch.randn(4, 300_000, generator=torch.Generator().manual_seed(3)) * 0.01
+    k, density = deltas.shape[0], 0.3
+    sq = deltas**2
+    lo, hi = sq.amin(1, keepdim=True), sq.amax(1, keepdim=True)
+    balance = torch.exp(k * (sq - lo) / (hi - lo)) * torch.softmax(deltas * deltas.sum(0), dim=0)
+    threshold = balance.topk(round(density * deltas.shape[1]), dim=1).values.amin(1, keepdim=True)
+    score = ((balance - threshold) / (balance.amax(1, keepdim=True) - threshold)).clamp(min=1e-12)
+    score = torch.where(balance >= threshold, score, torch.zeros_like(score))
+    expected = (score * deltas).sum(0) / score.sum(0).clamp(min=1e-12)  # a column nobody kept: 0
+    assert torch.allclose(pcb_combine(deltas, density), expected, rtol=1e-5, atol=1e-9)
+
+
 def test_weight_matching_undoes_a_random_permutation_of_hidden_units():
     reference = state(1)
     spec = small_cnn_spec(reference)
