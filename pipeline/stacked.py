@@ -153,8 +153,12 @@ def fit_stacked(
 
 @torch.no_grad()
 def _sgd_step(params, momentum_buf, active: list[int], lrs: list[float], has_buf: list[bool], s: Schedule) -> None:
-    rows = torch.tensor(active, device=next(iter(params.values())).device)
-    lr = torch.tensor(lrs, dtype=torch.float32, device=rows.device)
+    device = next(iter(params.values())).device
+    lr = torch.tensor(lrs, dtype=torch.float32, device=device)
+    if len(active) == len(lr) == next(iter(params.values())).shape[0] and all(has_buf):
+        _sgd_step_all(params, momentum_buf, lr, s)
+        return
+    rows = torch.tensor(active, device=device)
     for n, p in params.items():
         grad = p.grad[rows].add(p[rows], alpha=s.weight_decay) if s.weight_decay else p.grad[rows]
         if s.momentum:
@@ -166,3 +170,15 @@ def _sgd_step(params, momentum_buf, active: list[int], lrs: list[float], has_buf
             buf[rows] = new_buf
             grad = grad.add(new_buf, alpha=s.momentum)  # Nesterov, as training.fit sets it
         p[rows] = p[rows] - lr.view(-1, *([1] * (p.ndim - 1))) * grad
+
+
+def _sgd_step_all(params, momentum_buf, lr: torch.Tensor, s: Schedule) -> None:
+    """_sgd_step's arithmetic, in place, when every expert steps and has its momentum buffer
+    (every step but the first of a run and the tails of uneven shards): no row gathers and
+    scatters, the same values."""
+    for n, p in params.items():
+        grad = p.grad.add(p, alpha=s.weight_decay) if s.weight_decay else p.grad
+        if s.momentum:
+            buf = momentum_buf[n].mul_(s.momentum).add_(grad)
+            grad = grad.add(buf, alpha=s.momentum)  # Nesterov, as training.fit sets it
+        p.sub_(lr.view(-1, *([1] * (p.ndim - 1))) * grad)

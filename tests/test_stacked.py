@@ -7,7 +7,7 @@ import torch
 from pipeline.data_path import BatchSource
 from pipeline.mix_recipe import MixRecipe
 from pipeline.models import SmallCNN
-from pipeline.stacked import RngStreams, fit_stacked
+from pipeline.stacked import RngStreams, _sgd_step, fit_stacked
 from pipeline.training import Schedule, fit
 
 CPU = torch.device("cpu")
@@ -138,3 +138,22 @@ def test_compiled_stacked_training_matches_eager():
         for n in a:
             assert torch.allclose(a[n].float(), b[n].float(), atol=1e-5), n
     assert not torch.allclose(compiled[0]["classifier.weight"], init["classifier.weight"])
+
+
+def test_sgd_step_of_all_experts_is_nesterov_sgd_per_expert():
+    """When every expert steps and has a momentum buffer, _sgd_step updates in place (no row
+    gathers): each expert's rows must follow Nesterov SGD with weight decay at its own rate,
+    and the momentum buffer must be updated too."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 4, 5, generator=g).requires_grad_()
+    p.grad = torch.randn(3, 4, 5, generator=g)
+    buf = torch.randn(3, 4, 5, generator=g)
+    s = Schedule(1, 8, 0.1, momentum=0.9, weight_decay=5e-4)
+    lrs = [0.1, 0.05, 0.01]
+    d = p.grad + s.weight_decay * p.detach()
+    want_buf = s.momentum * buf + d
+    want_p = p.detach() - torch.tensor(lrs).view(3, 1, 1) * (d + s.momentum * want_buf)
+    momentum_buf = {"w": buf.clone()}
+    _sgd_step({"w": p}, momentum_buf, [0, 1, 2], lrs, [True, True, True], s)
+    assert torch.allclose(momentum_buf["w"], want_buf, atol=1e-7)
+    assert torch.allclose(p.detach(), want_p, atol=1e-7)
