@@ -28,6 +28,15 @@ Fraction = Annotated[float, Field(gt=0, le=1)]
 Scale = Annotated[float, Field(gt=0)]
 
 
+def _each_tensor(experts: list[StateDict], merge_one: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+    """The loop every merger shares: ``merge_one(key, expert 0's tensor)`` gives the merged
+    float tensor, cast back to the experts' dtype; integer buffers (BatchNorm's
+    num_batches_tracked) are taken from expert 0."""
+    _check_same_keys(experts)
+    return {key: merge_one(key, first).to(first.dtype) if first.is_floating_point() else first.clone()
+            for key, first in experts[0].items()}
+
+
 def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor], torch.Tensor],
                 base: StateDict | None = None) -> StateDict:
     """Apply ``combine(key, (K, *shape) stack)`` one tensor at a time (for merges that need
@@ -38,18 +47,13 @@ def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor],
     tensor (over glibc's 32 MiB mmap ceiling, see pipeline.allocator) would fault in every
     page again. ``combine`` may work in the stack in place; what it returns is copied out of
     the buffer if it is a view into it."""
-    _check_same_keys(experts)
-    buffer = torch.empty(0)
-    out: StateDict = {}
-    for key in experts[0]:
-        first = experts[0][key]
-        if not first.is_floating_point():
-            out[key] = first.clone()
-            continue
-        shape = (len(experts), *first.shape)
-        if buffer.numel() < first.numel() * len(experts) or buffer.device != first.device:
-            buffer = torch.empty(max(e.numel() for e in experts[0].values()) * len(experts), device=first.device)
-        stacked = buffer[: first.numel() * len(experts)].view(shape)
+    k = len(experts)
+    largest = max((t.numel() for t in experts[0].values()), default=0) if experts else 0
+    buffers: dict[torch.device, torch.Tensor] = {}
+
+    def merge_one(key: str, first: torch.Tensor) -> torch.Tensor:
+        buffer = buffers.setdefault(first.device, torch.empty(k * largest, device=first.device))
+        stacked = buffer[: k * first.numel()].view(k, *first.shape)
         theta0 = base[key].float() if base is not None and not _is_running_stat(key) else None
         for row, e in zip(stacked, experts):
             if theta0 is None:
@@ -57,26 +61,22 @@ def _per_tensor(experts: list[StateDict], combine: Callable[[str, torch.Tensor],
             else:
                 torch.sub(e[key], theta0, out=row)  # the task vector in one pass
         merged = combine(key, stacked)
-        if merged.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
-            merged = merged.clone()
-        out[key] = merged.to(first.dtype)
-    return out
+        return merged.clone() if merged.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() else merged
+
+    return _each_tensor(experts, merge_one)
 
 
 def _weighted_sum(experts: list[StateDict], weights: list[float]) -> StateDict:
     """sum_k w_k * expert_k, accumulated in place tensor by tensor: each expert tensor is
     read once and nothing of size K x tensor is ever built (memory-bound, no stacking)."""
-    _check_same_keys(experts)
-    out: StateDict = {}
-    for key, first in experts[0].items():
-        if not first.is_floating_point():
-            out[key] = first.clone()
-            continue
+
+    def merge_one(key: str, first: torch.Tensor) -> torch.Tensor:
         acc = first.float() * weights[0]
         for e, w in zip(experts[1:], weights[1:]):
             acc.add_(e[key], alpha=w)
-        out[key] = acc.to(first.dtype)
-    return out
+        return acc
+
+    return _each_tensor(experts, merge_one)
 
 
 def _check_same_keys(experts: list[StateDict]) -> None:
@@ -246,15 +246,10 @@ def dare(
     Expert by expert into one accumulator, like the averages: no K-stack is built."""
     if base is None:
         raise ValueError("this merger needs the pretrained base model")
-    _check_same_keys(experts)
-    out: StateDict = {}
-    for key, first in experts[0].items():
-        if not first.is_floating_point():
-            out[key] = first.clone()
-            continue
+
+    def merge_one(key: str, first: torch.Tensor) -> torch.Tensor:
         if _is_running_stat(key):  # statistics, not learned weights: no task vector
-            out[key] = (sum(e[key].float() for e in experts) / len(experts)).to(first.dtype)
-            continue
+            return sum(e[key].float() for e in experts) / len(experts)
         theta0 = base[key].float()
         masks = DropMasks(seed, key, theta0.numel(), density)
         kept_sum, delta = torch.zeros_like(theta0), torch.empty_like(theta0)
@@ -262,8 +257,9 @@ def dare(
             keep = masks.next().view(theta0.shape).to(theta0.device, non_blocking=True)
             # sub, mul_, add_: measured faster than addcmul_, which copies its operands.
             kept_sum.add_(torch.sub(e[key], theta0, out=delta).mul_(keep))
-        out[key] = kept_sum.mul_(scale / masks.q).add_(theta0).to(first.dtype)
-    return out
+        return kept_sum.mul_(scale / masks.q).add_(theta0)
+
+    return _each_tensor(experts, merge_one)
 
 
 @MERGERS.register("dare_ties")
