@@ -26,7 +26,7 @@ from pipeline.data_path import BatchSource
 from pipeline.merging import MERGERS
 from pipeline.mix_losses import soft_cross_entropy
 from pipeline.mixers import MIXERS
-from pipeline.models import build
+from pipeline.models import build, channels_last
 from pipeline.stacked import RngStreams, fit_stacked
 from pipeline.training import Schedule, autocast, batches, fit
 
@@ -67,7 +67,7 @@ def bench_experts(device, repeats, k=8, n=256, epochs=2, width=16, batch_size=64
 
     def one_by_one():
         for i, (x, y) in enumerate(data):
-            model = build("small_cnn", 1, 10, width).to(device, memory_format=torch.channels_last)  # as train_one
+            model = channels_last(build("small_cnn", 1, 10, width).to(device))  # as train_one
             model.load_state_dict(init)
             model.train()
             fit(model.parameters(), lambda xb, yb: _mixed_loss(model, mix, xb, yb), BatchSource(x, y, device), schedule,
@@ -101,7 +101,7 @@ def bench_data_path(device, repeats, n=4096, batch_size=256, width=8, shape=(3, 
     g = torch.Generator().manual_seed(0)
     x_cpu = torch.rand(n, *shape, generator=g)
     y_cpu = torch.randint(0, 10, (n,), generator=g)
-    model = build("small_cnn", shape[0], 10, width).to(device, memory_format=torch.channels_last)  # as the stages
+    model = channels_last(build("small_cnn", shape[0], 10, width).to(device))  # as the stages
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step(xb, yb):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pipeline import cli, config, layout
 from pipeline.checkpoints import md5, save_tensors, write_csv, write_json
 from pipeline.metrics import accuracy
-from pipeline.models import build
+from pipeline.models import build, channels_last
 from pipeline.objectives import OBJECTIVES
 from pipeline.probes import probe_scores
 from pipeline.progress import Progress
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         tracker.log_dataset("train", layout.DATASET, md5(layout.DATASET), "training")
 
         model = build(cfg.arch, arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
-        # channels_last on every device: on the CPU too, oneDNN's convolutions train 12-27% faster
-        # with it (small_cnn and resnet18_cifar, digits and CIFAR shapes, 2-core CPU).
-        model = model.to(memory_format=torch.channels_last)
+        model = channels_last(model)
         objective = OBJECTIVES[cfg.method](model, data.x_train[:2].to(device), cfg.temperature).to(device)
         g = cli.generator(base.seed, device)
         progress = Progress(f"pretrain[{cfg.method}]", cfg.epochs)

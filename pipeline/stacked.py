@@ -155,7 +155,7 @@ def fit_stacked(
 def _sgd_step(params, momentum_buf, active: list[int], lrs: list[float], has_buf: list[bool], s: Schedule) -> None:
     device = next(iter(params.values())).device
     lr = torch.tensor(lrs, dtype=torch.float32, device=device)
-    if len(active) == len(lr) == next(iter(params.values())).shape[0] and all(has_buf):
+    if len(active) == next(iter(params.values())).shape[0] and all(has_buf):  # every expert steps
         _sgd_step_all(params, momentum_buf, lr, s)
         return
     rows = torch.tensor(active, device=device)
