@@ -17,18 +17,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.allocator import keep_freed_memory
-from pipeline.augment import random_affine
-from pipeline.data_path import BatchSource
-from pipeline.merging import MERGERS
-from pipeline.mix_losses import soft_cross_entropy
-from pipeline.mixers import MIXERS
-from pipeline.models import build, channels_last
-from pipeline.stacked import RngStreams, fit_stacked
-from pipeline.training import Schedule, autocast, batches, fit
+from pipeline.runtime.allocator import keep_freed_memory
+from pipeline.methods.pretrain.augment import random_affine
+from pipeline.train.data_path import BatchSource
+from pipeline.methods.merge import MERGERS
+from pipeline.methods.mix.losses import soft_cross_entropy
+from pipeline.methods.mix.mixers import MIXERS
+from pipeline.nn.models import build, channels_last
+from pipeline.train.stacked import fit_stacked
+from pipeline.nn.inference import autocast
+from pipeline.train.loop import Schedule, batches, fit
 
 
 def best_of(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -70,13 +72,14 @@ def bench_experts(device, repeats, k=8, n=256, epochs=2, width=16, batch_size=64
             model = channels_last(build("small_cnn", 1, 10, width).to(device))  # as train_one
             model.load_state_dict(init)
             model.train()
-            fit(model.parameters(), lambda xb, yb: _mixed_loss(model, mix, xb, yb), BatchSource(x, y, device), schedule,
-                torch.Generator(device).manual_seed(i), device)
+            rng = np.random.default_rng(i)
+            fit(model.parameters(), lambda xb, yb: _mixed_loss(model, mix, xb, yb, rng), BatchSource(x, y, device),
+                schedule, torch.Generator(device).manual_seed(i), device)
 
     def stacked():
-        streams = RngStreams(list(range(k)))
+        rngs = [np.random.default_rng(i) for i in range(k)]
         fit_stacked(build("small_cnn", 1, 10, width), [init] * k, [BatchSource(x, y, device) for x, y in data],
-                    lambda i, x, y: streams.run(i, mix, x, y, 10, 1.0), soft_cross_entropy, schedule,
+                    lambda i, x, y: mix(x, y, 10, 1.0, rngs[i]), soft_cross_entropy, schedule,
                     [torch.Generator(device).manual_seed(i) for i in range(k)], device)
 
     t_seq, t_stk = best_of(one_by_one, repeats, device), best_of(stacked, repeats, device)
@@ -85,8 +88,8 @@ def bench_experts(device, repeats, k=8, n=256, epochs=2, width=16, batch_size=64
                note=f"small_cnn width {width}, {n} samples/expert, batch {batch_size}, {epochs} epochs, mixup")
 
 
-def _mixed_loss(model, mix, x, y):
-    xm, ym = mix(x, y, 10, 1.0)
+def _mixed_loss(model, mix, x, y, rng):
+    xm, ym = mix(x, y, 10, 1.0, rng)
     return soft_cross_entropy(model(xm), ym)
 
 
@@ -294,11 +297,11 @@ def bench_gpu_utilisation(device, repeats, k=8, batch_size=512, width=64):
     data = [(torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device))
             for _ in range(k)]
     init = copy.deepcopy(build("small_cnn", 3, 10, width).state_dict())
-    streams = RngStreams(list(range(k)))
+    rngs = [np.random.default_rng(i) for i in range(k)]
 
     def epoch():
         fit_stacked(build("small_cnn", 3, 10, width), [init] * k, [BatchSource(x, y, device) for x, y in data],
-                    lambda i, x, y: streams.run(i, MIXERS["mixup"], x, y, 10, 1.0), soft_cross_entropy,
+                    lambda i, x, y: MIXERS["mixup"](x, y, 10, 1.0, rngs[i]), soft_cross_entropy,
                     Schedule(1, batch_size, 0.02), [torch.Generator(device).manual_seed(i) for i in range(k)], device)
 
     with FlopCounterMode(display=False) as counter:
@@ -327,7 +330,7 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    kept = keep_freed_memory()  # as every stage process does (pipeline.cli.setup)
+    kept = keep_freed_memory()  # as every stage process does (pipeline.runtime.cli.setup)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

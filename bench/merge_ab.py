@@ -1,24 +1,25 @@
 """Every merger of this checkout against the same merger at another git revision, side by side
-in one process, on K ResNet-18 checkpoints: the before/after figure for a change to
-pipeline/merging.py.
+in one process, on K ResNet-18 checkpoints: the before/after figure for a change to a merger
+(pipeline/methods/merge/).
 
     python -m bench.merge_ab --against 6b47493 --threads 2
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.allocator import keep_freed_memory
-from pipeline.merging import MERGERS
-from pipeline.models import build
+from pipeline.runtime.allocator import keep_freed_memory
+from pipeline.methods.merge import MERGERS
+from pipeline.nn.models import build
 
 # Mergers that need no data; options as in the merge row of `python -m bench`.
 OPTIONS = {"uniform": {}, "task_arithmetic": {}, "ties": {"density": 0.2}, "dare": {"density": 0.5},
@@ -26,15 +27,29 @@ OPTIONS = {"uniform": {}, "task_arithmetic": {}, "ties": {"density": 0.2}, "dare
 
 
 def mergers_at(revision: str, folder: Path):
-    """The MERGERS registry of pipeline/merging.py as it was at ``revision``."""
-    source = subprocess.run(["git", "show", f"{revision}:pipeline/merging.py"], capture_output=True, text=True,
-                            check=True).stdout
-    path = folder / "merging_at_revision.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("merging_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MERGERS
+    """The MERGERS registry of the ``pipeline`` package as it was at ``revision``, imported
+    beside this checkout's: the current ``pipeline`` modules are set aside in sys.modules while
+    the old tree imports, then put back (each function keeps its own module's globals)."""
+    archive = folder / "pipeline.tar"
+    subprocess.run(["git", "archive", "--output", str(archive), revision, "pipeline"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    ours = {n: m for n, m in sys.modules.items() if n == "pipeline" or n.startswith("pipeline.")}
+    for n in ours:
+        del sys.modules[n]
+    sys.path.insert(0, str(folder))
+    try:
+        for name in ("pipeline.methods.merge", "pipeline.methods.merge"):  # the layout after and before the packages
+            try:
+                return importlib.import_module(name).MERGERS
+            except ModuleNotFoundError:
+                continue
+        raise SystemExit(f"no merger registry found at {revision}")
+    finally:
+        sys.path.remove(str(folder))
+        for n in [n for n in sys.modules if n == "pipeline" or n.startswith("pipeline.")]:
+            del sys.modules[n]
+        sys.modules.update(ours)
 
 
 def best_of(fn, repeats: int) -> float:

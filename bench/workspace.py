@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import set_key  # also re-exported for the tests
+from pipeline.runtime.config import set_key  # also re-exported for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ where a dvc.py would shadow the dvc package.)
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -70,3 +71,31 @@ def commit(root: Path, names: list[str]) -> None:
     out = dvc(root, "commit", "--force", *names)
     if out.returncode != 0:
         raise RuntimeError(f"dvc commit {' '.join(names)} failed: {out.stderr.strip()}")
+
+
+SHARD_STAGE = "mix_train@"
+
+
+def stacked_shard_units(units: list[list[Stage]]) -> list[list[Stage]]:
+    """Put every mix_train shard stage among ``units`` into one unit, run as one stacked process."""
+    shards = [u[0] for u in units if u[0].name.startswith(SHARD_STAGE)]
+    rest = [u for u in units if not u[0].name.startswith(SHARD_STAGE)]
+    return rest + ([shards] if len(shards) > 1 else [[s] for s in shards])
+
+
+def unit_command(unit: list[Stage]) -> Stage:
+    """The command that runs a unit: the stage's own, or one command for several shard stages
+    (mix_train@0, @1, ... -> python -m pipeline.mix_train --shard 0 1 ...)."""
+    if len(unit) == 1:
+        return unit[0]
+    shards = [s.name.removeprefix(SHARD_STAGE) for s in unit]
+    return Stage(SHARD_STAGE + ",".join(shards), f"python -m pipeline.mix_train --shard {' '.join(shards)}")
+
+
+def python_module(stage: Stage) -> tuple[str, list[str]]:
+    """(module, arguments) of a stage command of the form ``python -m <module> [args...]``,
+    split as a shell would but never run by one."""
+    argv = shlex.split(stage.cmd)
+    if len(argv) < 3 or argv[0] != "python" or argv[1] != "-m":
+        raise ValueError(f"{stage.name}: `{stage.cmd}` is not `python -m <module> ...`")
+    return argv[2], argv[3:]

@@ -12,6 +12,7 @@ Run: python -m flows.pipeline_flow [--stack-shards]   (a temporary Prefect serve
 from __future__ import annotations
 
 import hashlib
+import shlex
 import subprocess
 import sys
 import time
@@ -41,7 +42,9 @@ def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[st
     start and end (epoch seconds) of the command."""
     logger = get_run_logger()
     start = time.time()
-    proc = subprocess.run(stage.cmd, shell=True, cwd=root, env=dvc.stage_env(env_extra),
+    # Split as a shell would, run without one: no parameter that reaches a command (dvc.yaml's
+    # ${item}) can become shell syntax.
+    proc = subprocess.run(shlex.split(stage.cmd), cwd=root, env=dvc.stage_env(env_extra),
                           capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip():
@@ -63,27 +66,11 @@ def commit_stages(root: str, names: list[str]) -> None:
     dvc.commit(Path(root), names)
 
 
-SHARD_STAGE = "mix_train@"
-
-
-def stacked_shard_units(units: list[list[dvc.Stage]]) -> list[list[dvc.Stage]]:
-    """Put every stale mix_train shard stage into one unit, run as one stacked process."""
-    shards = [u[0] for u in units if u[0].name.startswith(SHARD_STAGE)]
-    rest = [u for u in units if not u[0].name.startswith(SHARD_STAGE)]
-    return rest + ([shards] if len(shards) > 1 else [[s] for s in shards])
-
-
-def _stacked_stage(unit: list[dvc.Stage]) -> dvc.Stage:
-    """One command for several shard stages (mix_train@0, @1, ... -> --shard 0 1 ...)."""
-    shards = [s.name.removeprefix(SHARD_STAGE) for s in unit]
-    return dvc.Stage(SHARD_STAGE + ",".join(shards), f"python -m pipeline.mix_train --shard {' '.join(shards)}")
-
-
 def _start_parent_run(root: Path) -> tuple[object, str]:
     """One MLflow parent run for this flow run; stage runs attach to it as children."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import ensure_experiment, git_commit, start_pipeline_run, tracking_uri
+    from pipeline.io.tracking import ensure_experiment, git_commit, start_pipeline_run, tracking_uri
 
     client = MlflowClient(tracking_uri(root))
     commit = git_commit(root)
@@ -116,10 +103,10 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
             skipped += [n for n in names if n not in todo]
             units = [[s] for s in layer if s.name in todo]
             if stack_shards:
-                units = stacked_shard_units(units)
+                units = dvc.stacked_shard_units(units)
             futures = {}
             for unit in units:
-                command = unit[0] if len(unit) == 1 else _stacked_stage(unit)
+                command = dvc.unit_command(unit)
                 futures[command.name] = (unit, run_stage.submit(str(root), command, env))
             failed = []
             for name, (unit, fut) in futures.items():

@@ -26,7 +26,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import set_key
+from pipeline.runtime.config import set_key
 
 REPO = Path(__file__).resolve().parents[1]
 EXIT_BAD_CONFIG = 2
@@ -167,7 +167,7 @@ def summarise(grid: str, out: Path, done: list[tuple[str, dict[str, str]]]) -> l
 
     import numpy as np
 
-    from pipeline import plots
+    from pipeline.io import plots
 
     groups: dict[tuple, dict[str, list[float]]] = {}
     for name, labels in done:
@@ -215,7 +215,7 @@ def _experiment(env: dict[str, str]) -> tuple[object, str]:
     new SQLite store would race to create its tables."""
     import mlflow
 
-    from pipeline.tracking import ensure_experiment
+    from pipeline.io.tracking import ensure_experiment
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     return client, ensure_experiment(client, REPO, env["MIXMERGE_EXPERIMENT"])

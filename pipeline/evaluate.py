@@ -5,8 +5,8 @@ ensemble (mean of logits; the reference a merge tries to reach at the cost of on
 Metrics: accuracy, NLL, ECE, Brier score, NLL and ECE after temperature scaling (the
 temperature fitted on the validation split, Guo et al. 2017), per-class accuracy, and
 accuracy on each shard's own label distribution, and a linear probe and kNN on each model's
-frozen features (pipeline.probes). For each pair of experts, mergeability diagnostics
-(pipeline.diagnostics): interpolation barrier, task-vector cosine, sign conflicts. The
+frozen features (pipeline.evaluation.probes). For each pair of experts, mergeability diagnostics
+(pipeline.evaluation.diagnostics): interpolation barrier, task-vector cosine, sign conflicts. The
 merge-gap table compares every merger with the best expert and the ensemble, on the test
 split and on each shard's label distribution. The merged model with the best validation
 accuracy gets the registry alias ``best``.
@@ -17,11 +17,13 @@ import itertools
 
 import torch
 
-from pipeline import cli, config, layout, plots
-from pipeline.batchnorm import has_batchnorm
-from pipeline.diagnostics import barriers, interpolation_curve, sign_conflict_share, task_vector_cosine
-from pipeline.checkpoints import write_csv, write_json
-from pipeline.metrics import (
+from pipeline.runtime import cli, config
+from pipeline.io import layout, plots
+from pipeline.nn.batchnorm import has_batchnorm
+from pipeline.evaluation.diagnostics import barriers, interpolation_curve, sign_conflict_share, task_vector_cosine
+from pipeline.io.checkpoints import write_csv, write_json
+from pipeline.evaluation.table import format_table
+from pipeline.evaluation.metrics import (
     accuracy,
     classification_report,
     fit_temperature,
@@ -29,10 +31,10 @@ from pipeline.metrics import (
     reliability_bins,
     shard_accuracy,
 )
-from pipeline.probes import probe_scores
-from pipeline.stage_io import load_model, load_manifest, load_prepared
-from pipeline.tracking import Tracker
-from pipeline.training import predict_logits
+from pipeline.evaluation.probes import probe_scores
+from pipeline.io.stage_io import load_model, load_manifest, load_prepared
+from pipeline.io.tracking import Tracker
+from pipeline.nn.inference import predict_logits
 
 
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         if merged_names:
             _alias_best(tracker, producers, summary["best_merged_by_val"])
 
-    print_table(rows)
+    print(format_table(rows))
 
 
 def merge_gap_rows(models: dict, experts: list[str], merged: list[str]) -> list[dict]:
@@ -187,15 +189,6 @@ def _alias_best(tracker: Tracker, producers: dict[str, str], best: str) -> None:
     for mv in tracker.client.search_model_versions(f"run_id = '{run_id}'"):
         if mv.tags.get("mixmerge.merger") == best:
             tracker.client.set_registered_model_alias(mv.name, "best", mv.version)
-
-
-def print_table(rows: list[dict]) -> None:
-    """The table on stdout (also printed by `python -m pipeline.report`)."""
-    print(f"{'model':<18}{'kind':<12}{'accuracy':>9}{'nll':>9}{'ece':>9}{'brier':>9}{'ece(T)':>9}{'probe':>9}{'kNN':>9}")
-    for r in rows:
-        print(f"{r['model']:<18}{r['kind']:<12}" + "".join(
-            f"{float(r[k]):>9.4f}" if r.get(k, "") != "" else f"{'-':>9}"
-            for k in ("accuracy", "nll", "ece", "brier", "ece_scaled", "probe_accuracy", "knn_accuracy")))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,29 @@
 """Stage merge: combine the K experts into one model per configured merger, no training.
 
 Each merged model gets its BatchNorm statistics recomputed on the training split (see
-pipeline.batchnorm for why), is written to data/merged/<name>.safetensors, logged to MLflow
+pipeline.nn.batchnorm for why), is written to data/merged/<name>.safetensors, logged to MLflow
 as a pyfunc model (from code, weights as a safetensors artifact) and registered under
 ``merge.registered_model`` with the merger's name as alias.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import shutil
 
 import torch
 
-from pipeline import cli, config, layout
-from pipeline.batchnorm import has_batchnorm, recalibrate
-from pipeline.checkpoints import load_metadata, load_tensors, md5, replace_dir, save_tensors, staging_dir
-from pipeline.alignment import SPECS, align_experts
-from pipeline.merge_data import MergeData
-from pipeline.merging import MERGERS
-from pipeline.metrics import accuracy
-from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors
-from pipeline.tracking import Tracker
-from pipeline.training import predict_logits
+from pipeline.runtime import cli, config
+from pipeline.io import layout
+from pipeline.nn.batchnorm import has_batchnorm, recalibrate
+from pipeline.io.checkpoints import load_metadata, load_tensors, md5, replace_dir, save_tensors, staging_dir
+from pipeline.methods.merge.alignment import SPECS, align_experts
+from pipeline.methods.merge.data import MergeData
+from pipeline.methods.merge import MERGERS
+from pipeline.train.combine import combine, merger_takes
+from pipeline.evaluation.metrics import accuracy
+from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors
+from pipeline.io.tracking import Tracker
+from pipeline.nn.inference import predict_logits
 
 
 def register(tracker: Tracker, name: str, path, meta: dict, registered_model: str) -> str:
@@ -48,7 +49,7 @@ def register(tracker: Tracker, name: str, path, meta: dict, registered_model: st
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model="pipeline/serving.py",
+            python_model="pipeline/io/serving.py",
             artifacts={"weights": str(path)},
             code_paths=["pipeline"],
             signature=signature,
@@ -62,15 +63,11 @@ def register(tracker: Tracker, name: str, path, meta: dict, registered_model: st
     return version
 
 
-def needs_data(method: str) -> bool:
-    return "data" in inspect.signature(MERGERS[method]).parameters
-
-
 def check_mergers_accept(cfg, k: int) -> None:
     """Refuse, before any computation, a merger that cannot take K experts (slerp needs 2):
     a dry run on K empty state dicts exercises only the mergers' argument checks."""
     for name, spec in cfg.mergers.items():
-        if needs_data(spec.method):
+        if merger_takes(spec.method, "data"):
             continue  # they take any K >= 1; a dry run would need the data
         try:
             MERGERS[spec.method]([{} for _ in range(k)], {}, torch.full((k,), 1.0 / k), **spec.options)
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         weights = sizes / sizes.sum()
         realigned = [False] * len(experts)
         if cfg.align == "weight_matching":
-            experts, realigned = align_experts(arch, base_state, experts)
+            experts, realigned = align_experts(arch, base_state, experts, seed=base.seed)
             print(f"merge: weight matching to the pretrained model permuted experts {[i for i, m in enumerate(realigned) if m]}")
         manifest = load_manifest()
         recal = cfg.bn_recalibration and has_batchnorm(model)
@@ -117,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         val_acc, metas = {}, {}
         stack.callback(shutil.rmtree, staged, ignore_errors=True)  # gone if anything below fails
         for name, spec in cfg.mergers.items():
-            extra = {"data": merge_data} if needs_data(spec.method) else {}
-            merged = MERGERS[spec.method](experts, base_state, weights, **extra, **spec.options)
+            merged = combine(spec.method, experts, base_state, weights, spec.options, data=merge_data,
+                             seed=base.seed)
             model.load_state_dict(merged)
             if recal:
                 recalibrate(model, data.x_train, cfg.bn_batch_size)

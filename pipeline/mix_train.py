@@ -1,34 +1,32 @@
 """Stage mix_train: fine-tune copies of the pretrained backbone, one per shard, with a mixer.
 
 ``--shard K`` trains one expert (dvc.yaml declares one stage per shard with foreach).
-``--shard 0 1 2 3`` trains those experts together in this one process, parameters stacked
-and vmapped (pipeline.stacked): the same result per expert within float tolerance, without
-K processes each paying for imports and data loading. The Prefect flow does this with
-``stack_shards=True`` and then records each shard stage with `dvc commit`. A recipe that
-mixes hidden layers (manifold mixup hooks the model) cannot be vmapped: those experts are
-trained one after another in this process instead.
+``--shard 0 1 2 3`` trains those experts together in this one process
+(pipeline.train.engine.train_models: parameters stacked and vmapped, or one after another
+when the recipe hooks the model, as manifold mixup does): the same result per expert within
+float tolerance, without K processes each paying for imports and data loading. The Prefect
+flow does this with ``stack_shards=True`` and then records each shard stage with `dvc commit`.
 """
 from __future__ import annotations
 
 import contextlib
 
-import torch
-
-from pipeline import cli, config, layout
-from pipeline.checkpoints import md5, save_tensors, write_csv
-from pipeline.metrics import accuracy
-from pipeline.mix_recipe import MixRecipe
-from pipeline.models import channels_last
-from pipeline.progress import Progress
-from pipeline.stacked import RngStreams, fit_stacked
-from pipeline.data_path import BatchSource
-from pipeline.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source
-from pipeline.tracking import Tracker
-from pipeline.training import Schedule, fit, predict_logits
+from pipeline.runtime import cli, config
+from pipeline.io import layout
+from pipeline.io.checkpoints import md5, save_tensors, write_csv
+from pipeline.evaluation.metrics import accuracy
+from pipeline.methods.mix.recipe import MixRecipe
+from pipeline.runtime.progress import Progress
+from pipeline.train.engine import can_stack, train_models
+from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source
+from pipeline.io.tracking import Tracker
+from pipeline.nn.inference import predict_logits
+from pipeline.train.loop import Schedule
 
 
 def mixing_seed(seed: int, shard: int) -> int:
-    """Each expert's own stream of mixing randomness, whichever way it is trained."""
+    """Each expert's own stream of mixing randomness (its recipe's numpy Generator), whichever
+    way it is trained."""
     return seed + 1000 * (shard + 1)
 
 
@@ -65,25 +63,22 @@ def main(argv: list[str] | None = None) -> None:
 
         model, pre_meta = load_model(layout.PRETRAINED, device)
         init = {n: t.clone() for n, t in model.state_dict().items()}
-        recipes = [recipe_for(cfg, data.num_classes) for _ in shards]
-        if len(shards) == 1 or recipes[0].mixes_hidden_layers:
-            states, histories = [], []
-            for k, recipe, one_shard in zip(shards, recipes, shard_data):
-                model.load_state_dict(init)
-                state, history = train_one(model, one_shard, recipe, cfg, schedule, base.seed, k, device,
-                                           base.compile)
-                states.append(state)
-                histories.append(history)
-        else:
-            streams = RngStreams([mixing_seed(base.seed, k) for k in shards])
-            progress = Progress(f"mix_train[shards {shards[0]}-{shards[-1]} stacked, {mixer_name}]", cfg.epochs)
-            states, histories = fit_stacked(
-                model, [init] * len(shards), shard_data,
-                lambda i, x, y: streams.run(i, recipes[i].batch, x, y),
-                recipes[0].loss, schedule,
-                [cli.generator(batch_order_seed(base.seed, k), device) for k in shards], device,
-                on_epoch=lambda e, losses: progress.update(e, sum(losses) / len(losses)), compile=base.compile,
-            )
+        recipes = [recipe_for(cfg, data.num_classes, mixing_seed(base.seed, k)) for k in shards]
+        stacked = can_stack(recipes)
+        lines: dict[int, Progress] = {}  # one progress line per training run, started when it starts
+
+        def report(epoch: int, losses: dict[int, float]) -> None:
+            i = min(losses)
+            if i not in lines:
+                what = f"shards {shards[0]}-{shards[-1]} stacked" if stacked else f"shard {shards[i]}"
+                lines[i] = Progress(f"mix_train[{what}, {mixer_name}]", cfg.epochs)
+            lines[i].update(epoch, sum(losses.values()) / len(losses))
+
+        states, histories = train_models(
+            model, [init] * len(shards), shard_data, recipes, schedule,
+            [cli.generator(batch_order_seed(base.seed, k), device) for k in shards], device,
+            stack=stacked, compile=base.compile, on_epoch=report,
+        )
 
         for k, tracker, state, history, shard in zip(shards, trackers, states, histories, shard_data):
             model.load_state_dict(state)
@@ -108,33 +103,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"mix_train: shard {k} ({len(shard)} samples, {mixer_name}, {cfg.loss.method}) val accuracy {val_acc:.4f}")
 
 
-def recipe_for(cfg, num_classes: int) -> MixRecipe:
+def recipe_for(cfg, num_classes: int, seed: int) -> MixRecipe:
     return MixRecipe(cfg.mixer_odds(), cfg.mix_alpha, num_classes, cfg.loss.method, cfg.loss.options,
-                     cfg.label_smoothing)
-
-
-def train_one(model, shard_data: BatchSource, recipe: MixRecipe, cfg, schedule, seed, shard, device,
-              compile: bool = False):
-    """One expert in this process: torch's own optimiser and scheduler (training.fit)."""
-    torch.manual_seed(mixing_seed(seed, shard))  # torchvision's mixers draw from the global RNG
-    g = cli.generator(batch_order_seed(seed, shard), device)
-    progress = Progress(f"mix_train[shard {shard}, {'+'.join(recipe.names)}]", cfg.epochs)
-    model = channels_last(model)
-    model.train()
-    forward = torch.compile(model) if compile else model  # shares the model's parameters
-
-    def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        inputs, targets = recipe.batch(xb, yb)
-        return recipe.loss(forward(inputs), targets)
-
-    hooks = recipe.attach(model)
-    try:
-        history = fit(model.parameters(), loss_fn, shard_data, schedule, g, device,
-                      on_epoch=lambda e, loss: progress.update(e, loss))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: t.detach().clone() for n, t in model.state_dict().items()}, history
+                     cfg.label_smoothing, seed)
 
 
 if __name__ == "__main__":

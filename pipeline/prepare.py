@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from pipeline import cli, config, layout, plots
-from pipeline.checkpoints import atomic_write, md5, save_tensors, write_json
-from pipeline.datasets import DATASETS, Images
-from pipeline.partition import PARTITIONERS, label_histograms, partition_hash
-from pipeline.tracking import Tracker
+from pipeline.runtime import cli, config
+from pipeline.io import layout, plots
+from pipeline.io.checkpoints import atomic_write, md5, save_tensors, write_json
+from pipeline.io.datasets import DATASETS, Images
+from pipeline.methods.partition.schemes import PARTITIONERS, label_histograms, partition_hash
+from pipeline.io.tracking import Tracker
 
 
 

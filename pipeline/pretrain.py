@@ -10,17 +10,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline import cli, config, layout
-from pipeline.checkpoints import md5, save_tensors, write_csv, write_json
-from pipeline.metrics import accuracy
-from pipeline.models import build, channels_last
-from pipeline.objectives import OBJECTIVES
-from pipeline.probes import probe_scores
-from pipeline.progress import Progress
-from pipeline.data_path import BatchSource
-from pipeline.stage_io import architecture, load_prepared, source
-from pipeline.tracking import Tracker
-from pipeline.training import Schedule, extract_features, fit, predict_logits
+from pipeline.runtime import cli, config
+from pipeline.io import layout
+from pipeline.io.checkpoints import md5, save_tensors, write_csv, write_json
+from pipeline.evaluation.metrics import accuracy
+from pipeline.nn.models import build, channels_last
+from pipeline.methods.pretrain.objectives import OBJECTIVES
+from pipeline.evaluation.probes import probe_scores
+from pipeline.runtime.progress import Progress
+from pipeline.train.data_path import BatchSource
+from pipeline.io.stage_io import architecture, load_prepared, source
+from pipeline.io.tracking import Tracker
+from pipeline.nn.inference import extract_features, predict_logits
+from pipeline.train.loop import Schedule, fit
 
 
 

@@ -9,9 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import layout
-from pipeline.evaluate import print_table
-from pipeline.tracking import tracking_uri
+from pipeline.io import layout
+from pipeline.evaluation.table import format_table
+from pipeline.io.tracking import tracking_uri
 
 
 def main() -> int:
@@ -21,7 +21,7 @@ def main() -> int:
     rows = list(csv.DictReader(layout.MODELS_CSV.open()))
     summary = json.loads(layout.METRICS.read_text())["summary"]
     print()
-    print_table(rows)
+    print(format_table(rows))
     print(f"\nbest expert {summary['best_expert']} {summary['best_expert_accuracy']:.4f}, "
           f"ensemble {summary['ensemble_accuracy']:.4f}; merged minus best expert: "
           + ", ".join(f"{n} {g['vs_best_expert']:+.4f}" for n, g in summary["merge_gap"].items()))

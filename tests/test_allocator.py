@@ -1,4 +1,4 @@
-"""pipeline.allocator: tensors up to 32 MiB come from malloc's heap, not from fresh mmaps.
+"""pipeline.runtime.allocator: tensors up to 32 MiB come from malloc's heap, not from fresh mmaps.
 
 Each case runs in a child interpreter: mallopt settings are process-wide and permanent."""
 import os
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # block of that size has been freed once).
 PROBE = """
 import ctypes, json, torch
-from pipeline.allocator import keep_freed_memory
+from pipeline.runtime.allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

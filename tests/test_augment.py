@@ -1,6 +1,6 @@
 import torch
 
-from pipeline.augment import contrastive_view, random_affine
+from pipeline.methods.pretrain.augment import contrastive_view, random_affine
 
 
 def test_augmentations_keep_shape_and_repeat_under_a_seed():

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
-from pipeline.batchnorm import has_batchnorm, recalibrate
-from pipeline.models import SmallCNN
+from pipeline.nn.batchnorm import has_batchnorm, recalibrate
+from pipeline.nn.models import SmallCNN
 
 
 def test_recalibration_sets_running_stats_to_the_data_statistics():

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-from pipeline import checkpoints
-from pipeline.models import SmallCNN
-from pipeline.stage_io import load_model
+from pipeline.io import checkpoints
+from pipeline.nn.models import SmallCNN
+from pipeline.io.stage_io import load_model
 
 
 def test_save_load_roundtrip_rebuilds_the_model(tmp_path):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config
+from pipeline.runtime import config
 from tests.conftest import default_params, run, set_key
 
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from pipeline import data_path
-from pipeline.data_path import BatchSource, choose
-from pipeline.training import batches
+from pipeline.io import stage_io
+from pipeline.io.stage_io import choose_data_path as choose
+from pipeline.train.data_path import BatchSource
+from pipeline.train.loop import batches
 
 CPU = torch.device("cpu")
 
@@ -12,9 +13,9 @@ def test_auto_keeps_the_data_resident_only_while_it_fits_in_half_the_free_memory
     f = tmp_path / "dataset.safetensors"
     f.write_bytes(b"\0" * 1000)
     assert choose("auto", f, CPU) == "resident"  # 1 kB against this machine's real free memory
-    monkeypatch.setattr(data_path, "free_memory", lambda device: 1999)
+    monkeypatch.setattr(stage_io, "free_memory", lambda device: 1999)
     assert choose("auto", f, CPU) == "host"
-    monkeypatch.setattr(data_path, "free_memory", lambda device: 2000)
+    monkeypatch.setattr(stage_io, "free_memory", lambda device: 2000)
     assert choose("auto", f, CPU) == "resident"
     assert choose("host", f, CPU) == "host" and choose("resident", f, CPU) == "resident"
 

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.datasets import DATASETS, DataError
+from pipeline.io.datasets import DATASETS, DataError
 from pipeline.prepare import split
 
 

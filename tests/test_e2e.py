@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.checkpoints import md5
+from pipeline.io.checkpoints import md5
 from tests.conftest import TINY, run
 
 K = len(TINY["base.shards"])
@@ -119,9 +119,9 @@ def test_a_stage_reruns_when_its_params_code_or_inputs_change_and_only_then(repr
     assert mix == {f"mix_train@{k}" for k in range(K)}
     merge_param = stale_after(repro_project, "params.yaml", lambda s: s.replace("density: 0.2", "density: 0.3"))
     assert merge_param == {"merge"}
-    code = stale_after(repro_project, "pipeline/merging.py", lambda s: s + "\n# touched\n")
+    code = stale_after(repro_project, "pipeline/methods/merge/task_vectors.py", lambda s: s + "\n# touched\n")
     assert code == {"merge"}
-    shared = stale_after(repro_project, "pipeline/models.py", lambda s: s + "\n# touched\n")
+    shared = stale_after(repro_project, "pipeline/nn/models.py", lambda s: s + "\n# touched\n")
     assert shared == {"pretrain", "merge", "evaluate", *(f"mix_train@{k}" for k in range(K))}
 
 
@@ -178,7 +178,7 @@ def test_lineage_walks_back_from_merged_model_to_partition(mlflow_client, repro_
     for name in MERGERS:
         path = f"data/merged/{name}.safetensors"
         assert merge[f"mixmerge.out.{path}"] == md5(repro_project / path)
-    assert by["merge"][0].data.tags["mixmerge.dep.pipeline/merging.py"] == md5s["pipeline/merging.py"]
+    assert by["merge"][0].data.tags["mixmerge.dep.pipeline/methods/merge/task_vectors.py"] == md5s["pipeline/methods/merge/task_vectors.py"]
 
 
 def test_registered_model_loads_by_alias_and_unpickles_nothing(mlflow_client, repro_project, monkeypatch):
@@ -210,7 +210,7 @@ def test_host_data_path_reproduces_the_resident_pipeline(repro_project, tmp_path
     # DataLoader worker processes: the same expert, the same merges, the same table.
     import shutil
 
-    from pipeline.checkpoints import load_tensors
+    from pipeline.io.checkpoints import load_tensors
 
     root = tmp_path / "host"
     shutil.copytree(repro_project, root, symlinks=True)

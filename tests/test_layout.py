@@ -1,9 +1,14 @@
-"""dvc.yaml and pipeline/layout.py must name the same artifact paths."""
-import ast
+"""The tree's contracts: dvc.yaml names the paths pipeline/io/layout.py writes and the sources
+each stage imports; the import layers of pipeline/ hold (import-linter)."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import yaml
 
-from pipeline import layout
+from pipeline.io import layout
+from pipeline.runtime import stage_deps
 from tests.conftest import REPO
 
 
@@ -30,28 +35,32 @@ def test_every_stage_output_is_declared_in_dvc_yaml():
     assert str(layout.expert_history(3)) == "data/history/shard_3.csv"
 
 
-def pipeline_imports(module: str) -> set[str]:
-    """Modules of pipeline/ that `module` imports, directly or not (read from the source)."""
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen or not (REPO / "pipeline" / f"{name}.py").exists():
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((REPO / "pipeline" / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-                todo += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-                todo.append(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")]
-    return seen
+def test_stage_deps_list_every_source_file_the_stage_imports(tmp_path):
+    """DVC cannot see Python imports: a stage's deps must name every module it runs, and only
+    those (pipeline.runtime.stage_deps reads the imports; `--write` fixes dvc.yaml)."""
+    assert stage_deps.differences() == {}
+    assert "pipeline/train/engine.py" in stage_deps.stage_sources("mix_train")
+    assert "pipeline/methods/merge/task_vectors.py" not in stage_deps.stage_sources("mix_train")
+    assert "pipeline/methods/__init__.py" in stage_deps.stage_sources("prepare"), "package __init__ files run too"
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text((REPO / "dvc.yaml").read_text().replace("      - pipeline/nn/inference.py\n", "", 1))
+    missing = stage_deps.differences(stale)
+    assert missing and all(m == (["pipeline/nn/inference.py"], []) for m in missing.values())
 
 
-def test_stage_deps_list_every_source_file_the_stage_imports():
-    """DVC cannot see Python imports: a stage's deps must name every module it runs."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        deps = set(stage.get("do", stage)["deps"])
-        needed = {f"pipeline/{m}.py" for m in pipeline_imports(name)}
-        assert needed - deps == set(), f"{name} imports but does not depend on {sorted(needed - deps)}"
+def lint_imports(root):
+    return subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=root, capture_output=True, text=True)
+
+
+def test_the_layer_contract_holds_and_fails_when_pure_code_does_io(tmp_path):
+    ok = lint_imports(REPO)
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    assert "2 kept, 0 broken" in ok.stdout
+    shutil.copytree(REPO / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    merger = tmp_path / "pipeline" / "methods" / "merge" / "averaging.py"
+    merger.write_text(merger.read_text() + "\nfrom pipeline.io import layout  # a merger that reads files\n")
+    broken = lint_imports(tmp_path)
+    assert broken.returncode != 0
+    assert "pipeline.methods.merge.averaging -> pipeline.io.layout" in broken.stdout
+    assert "2 broken" in broken.stdout  # both the layers and the purity contract

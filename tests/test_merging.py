@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from pipeline.alignment import align_experts, permute, small_cnn_spec, weight_matching
-from pipeline.drop_masks import CHUNK, DropMasks
-from pipeline.merge_data import MergeData, diagonal_fisher, input_grams
-from pipeline.merging import (
-    MERGERS, _per_tensor, breadcrumbs_mask, dare_drop, pcb_combine, ties_combine,
-    top_magnitude_thresholds,
-)
-from pipeline.models import SmallCNN
+from pipeline.methods.merge.alignment import align_experts, permute, small_cnn_spec, weight_matching
+from pipeline.methods.merge.drop_masks import CHUNK, DropMasks
+from pipeline.methods.merge.data import MergeData, diagonal_fisher, input_grams
+from pipeline.methods.merge import MERGERS
+from pipeline.methods.merge.base import per_tensor
+from pipeline.methods.merge.sparsify import breadcrumbs_mask, dare_drop, top_magnitude_thresholds
+from pipeline.methods.merge.task_vectors import pcb_combine, ties_combine
+from pipeline.nn.models import SmallCNN
 
 
 def state(seed):
@@ -419,13 +419,13 @@ def test_weight_matching_undoes_a_random_permutation_of_hidden_units():
 
 
 def test_stacks_share_one_buffer_without_leaking_views_of_it():
-    """_per_tensor reuses one stack buffer across tensors; a combine that returns a view of
+    """per_tensor reuses one stack buffer across tensors; a combine that returns a view of
     the stack must still get its own copy, or the next tensor's stack would overwrite it."""
     experts = [{"a": torch.full((3,), float(i)), "b": torch.full((2, 3), 10.0 + i), "c": torch.tensor(i)}
                for i in range(3)]
-    merged = _per_tensor(experts, lambda _, stacked: stacked[1])
+    merged = per_tensor(experts, lambda _, stacked: stacked[1])
     assert torch.equal(merged["a"], torch.full((3,), 1.0))
     assert torch.equal(merged["b"], torch.full((2, 3), 11.0))
     assert torch.equal(merged["c"], torch.tensor(0))
-    deltas = _per_tensor(experts, lambda _, stacked: stacked.sum(0), base=experts[0])
+    deltas = per_tensor(experts, lambda _, stacked: stacked.sum(0), base=experts[0])
     assert torch.equal(deltas["b"], torch.full((2, 3), 3.0)), "with a base, the stack holds task vectors"

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     brier_score,
     classification_report,
     fit_temperature,

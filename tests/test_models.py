@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import ARCHITECTURES, build
+from pipeline.nn.models import ARCHITECTURES, build
 
 
 @pytest.mark.parametrize("arch,channels,size", [("small_cnn", 1, 8), ("small_cnn", 3, 32), ("resnet18_cifar", 3, 32)])

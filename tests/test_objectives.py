@@ -3,9 +3,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import SmallCNN
-from pipeline.objectives import (
-    OBJECTIVES,
+from pipeline.nn.models import SmallCNN
+from pipeline.methods.pretrain import OBJECTIVES
+from pipeline.methods.pretrain.losses import (
     barlow_twins_loss,
     batch_standardise,
     mixco_term,
@@ -102,19 +102,36 @@ def test_selfcon_contrasts_the_sub_network_exit_with_the_last_layer():
     assert model.body[3][0].weight.grad is not None, "the last block trains through the main exit"
 
 
-def test_mixco_term_matches_the_definition():
+def test_mixco_term_matches_the_authors_definition():
+    """Worked from the authors' SimCLR code (sungnyun/MixCo-Mixup-Contrastive, simclr/pretrain.py,
+    _mix_step): mixes of image i with image i + N/2, per-image lam, logits of each normalised
+    mix against every normalised clean embedding over the temperature, soft targets lam at i
+    and 1 - lam at i + N/2, soft cross-entropy averaged over the N/2 mixes."""
     g = torch.Generator().manual_seed(3)
-    zm, zc = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
-    lam, t = 0.7, 0.5
+    zm, zc = torch.randn(2, 3, generator=g), torch.randn(4, 3, generator=g)
+    lam, t = torch.tensor([0.7, 0.2]), 0.5
     a, b = F.normalize(zm, dim=1), F.normalize(zc, dim=1)
     total = 0.0
-    for i in range(4):
+    for i in range(2):
         den = sum(math.exp(float(a[i] @ b[k]) / t) for k in range(4))
         p = lambda k: math.exp(float(a[i] @ b[k]) / t) / den  # noqa: E731
-        total += -(lam * math.log(p(i)) + (1 - lam) * math.log(p(i - 1)))
-    assert abs(mixco_term(zm, zc, torch.tensor(lam), t).item() - total / 4) < 1e-5
-    # lam = 1: plain InfoNCE of each mix against its own clean view
-    assert torch.allclose(mixco_term(zm, zc, torch.tensor(1.0), t), F.cross_entropy(a @ b.T / t, torch.arange(4)))
+        total += -(lam[i] * math.log(p(i)) + (1 - lam[i]) * math.log(p(i + 2)))
+    assert abs(mixco_term(zm, zc, lam, t).item() - float(total) / 2) < 1e-5
+    # lam = 1: InfoNCE of each mix against its first source among all N clean embeddings
+    assert torch.allclose(mixco_term(zm, zc, torch.ones(2), t), F.cross_entropy(a @ b.T / t, torch.arange(2)))
+
+
+def test_mixco_mixes_each_image_with_its_own_lambda_in_both_views():
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10, 4)
+    obj = OBJECTIVES["mixco"](model, torch.randn(2, 1, 8, 8), 0.5)
+    seen = []
+    handle = model.body.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    x = torch.randn(7, 1, 8, 8)
+    loss = obj(model, x, torch.zeros(7, dtype=torch.long), torch.Generator().manual_seed(1))
+    handle.remove()
+    assert torch.isfinite(loss)
+    assert seen == [14, 6], "two clean views of 7 images, then 3 mixes per view (odd image left out)"
 
 
 def test_mixed_barlow_regulariser_matches_the_definition_and_favours_linear_mixes():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.partition import PARTITIONERS, label_histograms, partition_hash
+from pipeline.methods.partition.schemes import PARTITIONERS, label_histograms, partition_hash
 from pipeline.prepare import heterogeneity
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 balanced classes

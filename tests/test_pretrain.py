@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.checkpoints import load_tensors
+from pipeline.io.checkpoints import load_tensors
 from tests.conftest import default_params, run, set_key
 
 

@@ -1,6 +1,6 @@
 import io
 
-from pipeline.progress import Progress
+from pipeline.runtime.progress import Progress
 
 
 def test_a_log_gets_a_few_lines_only():

@@ -1,14 +1,16 @@
-"""Training K experts stacked must give each expert what training it alone gives."""
+"""Training K experts stacked must give each expert what training it alone gives
+(pipeline.train.stacked, through the engine's train_models)."""
 import copy
 
 import pytest
 import torch
 
-from pipeline.data_path import BatchSource
-from pipeline.mix_recipe import MixRecipe
-from pipeline.models import SmallCNN
-from pipeline.stacked import RngStreams, _sgd_step, fit_stacked
-from pipeline.training import Schedule, fit
+from pipeline.train.data_path import BatchSource
+from pipeline.methods.mix.recipe import MixRecipe
+from pipeline.nn.models import SmallCNN
+from pipeline.train.engine import can_stack, train_models
+from pipeline.train.stacked import _sgd_step, fit_stacked
+from pipeline.train.loop import Schedule, fit
 
 CPU = torch.device("cpu")
 SIZES = [37, 50, 23]  # unequal shards: different steps per epoch and last-batch sizes
@@ -30,9 +32,9 @@ RECIPES = {  # mixers by name or {name: probability}, loss, loss options, label 
 }
 
 
-def recipe(name):
+def recipe(name, seed=0):
     mixers, loss, options, smoothing = RECIPES[name]
-    return MixRecipe(mixers, 1.0, 10, loss, options, smoothing)
+    return MixRecipe(mixers, 1.0, 10, loss, options, smoothing, seed)
 
 
 def sources(data, path="resident", workers=0):
@@ -40,15 +42,14 @@ def sources(data, path="resident", workers=0):
 
 
 def one_by_one(init, data, mixer, path="resident", workers=0):
+    """The reference: torch's own SGD (loop.fit), one expert after another, written out here."""
     states, histories = [], []
     for k, source in enumerate(sources(data, path, workers)):
         model = SmallCNN(1, 10, 4)
         model.load_state_dict(init)
         model.train()
-        torch.manual_seed(100 + k)  # the expert's mixing stream
         g = torch.Generator().manual_seed(k)
-
-        r = recipe(mixer)
+        r = recipe(mixer, 100 + k)  # the expert's mixing stream
 
         def loss_fn(xb, yb):
             inputs, targets = r.batch(xb, yb)
@@ -66,9 +67,7 @@ def test_stacked_training_matches_training_one_by_one(mixer):
     data = shards()
     ref_states, ref_hist = one_by_one(init, data, mixer)
 
-    streams = RngStreams([100 + k for k in range(len(SIZES))])
-    recipes = [recipe(mixer) for _ in SIZES]
-    states, hist = stacked(init, sources(data), streams, recipes)
+    states, hist = stacked(init, sources(data), mixer)
     for k in range(len(SIZES)):
         assert hist[k] == pytest.approx(ref_hist[k], rel=1e-4, abs=1e-5), k
         for name, ref in ref_states[k].items():
@@ -80,12 +79,30 @@ def test_stacked_training_matches_training_one_by_one(mixer):
     assert not torch.allclose(states[0]["classifier.weight"], states[1]["classifier.weight"])
 
 
-def stacked(init, data, streams, recipes):
-    return fit_stacked(
-        SmallCNN(1, 10, 4), [init] * len(SIZES), data,
-        lambda k, x, y: streams.run(k, recipes[k].batch, x, y),
-        recipes[0].loss, SCHEDULE, [torch.Generator().manual_seed(k) for k in range(len(SIZES))], CPU,
-    )
+def stacked(init, data, mixer, stack=True):
+    return train_models(SmallCNN(1, 10, 4), [init] * len(SIZES), data,
+                        [recipe(mixer, 100 + k) for k in range(len(SIZES))], SCHEDULE,
+                        [torch.Generator().manual_seed(k) for k in range(len(SIZES))], CPU, stack=stack)
+
+
+def test_the_engine_trains_one_by_one_what_it_trains_stacked():
+    # train_models' two paths: stacked (vmap, its own SGD) and one after another (torch's SGD)
+    torch.manual_seed(0)
+    init = copy.deepcopy(SmallCNN(1, 10, 4).state_dict())
+    data = shards()
+    (a, a_hist), (b, b_hist) = stacked(init, sources(data), "cutmix"), stacked(init, sources(data), "cutmix", False)
+    for k in range(len(SIZES)):
+        assert a_hist[k] == pytest.approx(b_hist[k], rel=1e-4, abs=1e-5)
+        assert all(torch.allclose(a[k][n].float(), b[k][n].float(), atol=2e-5, rtol=1e-4) for n in a[k])
+
+
+def test_the_engine_stacks_only_what_it_can():
+    assert can_stack([recipe("mixup", s) for s in range(3)])
+    assert not can_stack([recipe("mixup")])  # one model: nothing to stack
+    manifold = MixRecipe({"manifold_mixup": 1.0}, 1.0, 10, "soft_ce")
+    assert not can_stack([manifold, MixRecipe({"manifold_mixup": 1.0}, 1.0, 10, "soft_ce")])  # hooks the model
+    with pytest.raises(ValueError, match="cannot be trained stacked"):
+        train_models(SmallCNN(1, 10, 4), [{}], [None], [manifold], SCHEDULE, [torch.Generator()], CPU, stack=True)
 
 
 def test_host_data_path_trains_exactly_what_the_resident_path_trains():
@@ -99,21 +116,21 @@ def test_host_data_path_trains_exactly_what_the_resident_path_trains():
     assert host_hist == resident_hist
     for a, b in zip(resident, host):
         assert all(torch.equal(a[n], b[n]) for n in a)
-    recipes = [recipe("mixup") for _ in SIZES]
-    runs = [stacked(init, sources(data, path, 2), RngStreams([100 + k for k in range(len(SIZES))]), recipes)
-            for path in ("resident", "host")]
+    runs = [stacked(init, sources(data, path, 2), "mixup") for path in ("resident", "host")]
     assert runs[0][1] == runs[1][1]
     assert all(torch.equal(a[n], b[n]) for a, b in zip(runs[0][0], runs[1][0]) for n in a)
 
 
-def test_rng_streams_are_independent_of_the_global_rng():
-    streams = RngStreams([1, 2])
+def test_mixing_draws_come_from_the_recipe_alone():
+    # Each expert's recipe owns its stream: the global RNG does not move it, and the seed does.
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    a = recipe("mixup", 1).batch(x, y)
     torch.manual_seed(123)
-    a = streams.run(0, torch.rand, 3)
-    torch.rand(100)  # global draws in between do not move expert 0's stream
-    b = streams.run(0, torch.rand, 3)
-    torch.manual_seed(1)
-    assert torch.equal(torch.cat([a, b]), torch.rand(6))
+    torch.rand(100)
+    b = recipe("mixup", 1).batch(x, y)
+    c = recipe("mixup", 2).batch(x, y)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
 
 
 def test_compiled_stacked_training_matches_eager():
@@ -124,12 +141,10 @@ def test_compiled_stacked_training_matches_eager():
     data = [BatchSource(torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g), CPU)
             for _ in range(2)]  # equal full batches: one shape, one compilation
     schedule = Schedule(epochs=1, batch_size=16, lr=0.05)
-    r = recipe("mixup")
-
     def train(compile):
-        streams = RngStreams([7, 8])
-        return fit_stacked(SmallCNN(1, 10, 4), [init] * 2, data, lambda k, x, y: streams.run(k, r.batch, x, y),
-                           r.loss, schedule, [torch.Generator().manual_seed(k) for k in range(2)], CPU,
+        recipes = [recipe("mixup", 7), recipe("mixup", 8)]
+        return fit_stacked(SmallCNN(1, 10, 4), [init] * 2, data, lambda k, x, y: recipes[k].batch(x, y),
+                           recipes[0].loss, schedule, [torch.Generator().manual_seed(k) for k in range(2)], CPU,
                            compile=compile)
 
     (eager, eager_hist), (compiled, compiled_hist) = train(False), train(True)

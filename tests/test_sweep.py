@@ -65,3 +65,25 @@ def test_a_second_sweep_resumes_and_leaves_results_alone(swept, tmp_path):
     params["mix_train"]["epochs"] = 99
     with pytest.raises(CellFolderInUse, match="other params"):
         prepare_cell(cell, params)
+
+
+def test_a_cell_runs_the_stages_dvc_yaml_declares_in_its_order(tmp_path):
+    """A stage added to dvc.yaml is run by the sweep without touching the sweep's code."""
+    from flows.sweep_cell import plan
+
+    from tests.conftest import REPO
+
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["card"] = {"cmd": "python -m pipeline.report", "deps": ["results/metrics.json"]}
+    source = tmp_path / "dvc.yaml"
+    source.write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"]["shards"] = [0, 1, 2, 3, 4]
+    (cell / "params.yaml").write_text(yaml.safe_dump(params))
+    assert plan(cell, source) == [
+        ("pipeline.prepare", []), ("pipeline.pretrain", []),
+        ("pipeline.mix_train", ["--shard", "0", "1", "2", "3", "4"]),  # the cell's K, one stacked call
+        ("pipeline.merge", []), ("pipeline.evaluate", []), ("pipeline.report", []),
+    ]

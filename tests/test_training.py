@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data_path import BatchSource
-from pipeline.training import Schedule, batches, fit
+from pipeline.train.data_path import BatchSource
+from pipeline.train.loop import Schedule, batches, fit
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,5 @@
+"""Errors of reading input data. Stages exit with code 2 on them (pipeline.runtime.cli.run)."""
+
+
+class DataError(Exception):
+    """The dataset could not be found or read."""

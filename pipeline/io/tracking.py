@@ -1,0 +1,216 @@
+"""MLflow record of a stage run, with lineage. Created in a stage's main() and passed down.
+
+Layout: one parent run per pipeline run, one child run per stage (and per shard).
+- Parent: the flow creates it and passes MIXMERGE_PARENT_RUN_ID. Under a plain `dvc repro`
+  the stages find or create a parent keyed by (git commit, params.yaml content), so stages
+  of one configuration share it.
+- Lineage tags on every child run:
+    mixmerge.git_commit             the commit the code ran at
+    mixmerge.dep.<path> = <md5>     each input file and the hash DVC records for it
+    mixmerge.out.<path> = <md5>     each output file and its hash
+    mixmerge.input_run.<path> = id  the run that wrote that input (found by its out tag)
+  so from the merged model one can walk back to each expert, the backbone and the partition.
+Store: MLFLOW_TRACKING_URI, else a SQLite file in the project (mlflow.db, ignored by git).
+Metrics are sent in batches (one log_batch per call site), never one call per step.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.io.checkpoints import md5
+
+EXPERIMENT_ENV = "MIXMERGE_EXPERIMENT"
+PARENT_ENV = "MIXMERGE_PARENT_RUN_ID"
+DEFAULT_EXPERIMENT = "mixmerge"
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def loaded_sources(root: Path) -> list[str]:
+    """Project-relative paths of the pipeline modules imported by this process: the code
+    the stage ran, as dvc.yaml lists it in the stage's deps."""
+    out = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith("pipeline.") and path:
+            try:
+                out.append(Path(path).resolve().relative_to(root.resolve()).as_posix())
+            except ValueError:  # imported from outside this project
+                continue
+    return sorted(out)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def ensure_experiment(client, root: Path, name: str | None = None) -> str:
+    name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri())
+    except Exception:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_pipeline_run(client, experiment_id: str, key: str, tags: dict[str, str] | None = None):
+    return client.create_run(
+        experiment_id,
+        run_name=f"pipeline-{key[:8]}",
+        tags={"mixmerge.role": "pipeline", "mixmerge.pipeline_key": key, **(tags or {})},
+    )
+
+
+class Tracker:
+    """One child run for one stage (or shard) of the pipeline."""
+
+    def __init__(self, stage: str, run_name: str, root: str | Path = ".", params_file: str | Path = "params.yaml"):
+        import mlflow  # imported here: it costs seconds, and pure code never needs it
+        from mlflow import MlflowClient
+
+        self.mlflow, self.stage, self.run_name = mlflow, stage, run_name
+        self.root = Path(root)
+        self.params_file = Path(params_file)
+        mlflow.set_tracking_uri(tracking_uri(self.root))
+        self.client = MlflowClient()
+        self.experiment_id = ensure_experiment(self.client, self.root)
+        self.run_id: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> "Tracker":
+        commit = git_commit(self.root)
+        parent = os.environ.get(PARENT_ENV) or self._find_or_create_parent(commit)
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.run_name,
+            tags={
+                "mlflow.parentRunId": parent,
+                "mixmerge.stage": self.stage,
+                "mixmerge.git_commit": commit,
+                "mlflow.source.git.commit": commit,
+            },
+        )
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+
+    def _find_or_create_parent(self, commit: str) -> str:
+        params = self.params_file.read_bytes() if self.params_file.exists() else b""
+        key = hashlib.sha256(commit.encode() + b"\0" + params).hexdigest()[:16]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mixmerge.pipeline_key` = '{key}' and tags.`mixmerge.role` = 'pipeline'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        run = start_pipeline_run(self.client, self.experiment_id, key, {"mixmerge.git_commit": commit})
+        self.client.set_terminated(run.info.run_id, "FINISHED")  # a record, not a live process
+        return run.info.run_id
+
+    # -- logging ---------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_history({k: [v] for k, v in flatten(metrics).items()}, first_step=step)
+
+    def log_history(self, series: dict[str, list[float]], first_step: int = 1) -> None:
+        """Per-epoch series, all sent in as few log_batch calls as MLflow allows."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(v), now, first_step + i)
+            for key, values in series.items()
+            for i, v in enumerate(values)
+        ]
+        for i in range(0, len(items), 1000):  # MLflow's per-batch limit
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_artifacts(self, paths: Iterable[str | Path], subdir: str | None = None) -> None:
+        for p in paths:
+            self.client.log_artifact(self.run_id, str(p), artifact_path=subdir)
+
+    def log_dataset(self, name: str, path: str | Path, digest: str, context: str) -> None:
+        """Record a dataset input by name, source file and our own content digest."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=digest[:36])
+        self.client.log_inputs(
+            self.run_id,
+            datasets=[DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])],
+        )
+
+    # -- lineage ---------------------------------------------------------------------------
+    def record_inputs(self, files: Iterable[str | Path]) -> dict[str, str]:
+        """Tag each input's md5 and the run that produced it, and the md5 of every pipeline
+        source file this process has loaded; returns {path: producing run id}."""
+        tags, producers = {}, {}
+        for f in files:
+            key, digest = str(f), md5(f)
+            tags[f"mixmerge.dep.{key}"] = digest
+            producer = self.producer_of(key, digest)
+            if producer:
+                tags[f"mixmerge.input_run.{key}"] = producer
+                producers[key] = producer
+        for f in loaded_sources(self.root):
+            tags[f"mixmerge.dep.{f}"] = md5(self.root / f)
+        if producers:
+            tags["mixmerge.input_runs"] = ",".join(sorted(set(producers.values())))
+        self._set_tags(tags)
+        return producers
+
+    def record_outputs(self, files: Iterable[str | Path]) -> None:
+        self._set_tags({f"mixmerge.out.{f}": md5(f) for f in files})
+
+    def producer_of(self, path: str, digest: str) -> str | None:
+        """The latest finished run whose out tag says it wrote this exact file content."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mixmerge.out.{path}` = '{digest}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
+    def _set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
