@@ -16,7 +16,7 @@ from pipeline.io.checkpoints import md5, save_tensors, write_csv, write_json
 from pipeline.evaluation.metrics import accuracy
 from pipeline.nn.models import build, channels_last
 from pipeline.methods.pretrain.objectives import OBJECTIVES
-from pipeline.evaluation.probes import probe_scores
+from pipeline.evaluation.probes import fixed_subset, probe_scores
 from pipeline.runtime.progress import Progress
 from pipeline.train.data_path import BatchSource
 from pipeline.io.stage_io import architecture, load_prepared, source
@@ -24,6 +24,7 @@ from pipeline.io.tracking import Tracker
 from pipeline.nn.inference import extract_features, predict_logits
 from pipeline.train.loop import Schedule, fit
 
+PROBE_SAMPLES = 5000  # evaluate.probe_samples' default: the probes' cost stays fixed as N grows
 
 
 def linear_probe(model, x, y, num_classes, epochs, g, device) -> list[float]:
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         if not objective.trains_classifier:
             linear_probe(model, x, y, data.num_classes, cfg.probe_epochs, g, device)
         val_acc = accuracy(predict_logits(model, data.x_val), data.y_val)
-        representation = probe_scores(model, x, y, data.x_val, data.y_val)
+        # probes fitted on at most PROBE_SAMPLES training images (all of the default digits)
+        subset = fixed_subset(len(y), PROBE_SAMPLES, base.seed).to(y.device)
+        representation = probe_scores(model, x[subset.to(x.device)], y[subset], data.x_val, data.y_val)
 
         metadata = {
             "stage": "pretrain",

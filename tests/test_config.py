@@ -42,7 +42,7 @@ def test_default_params_are_valid(tmp_path):
         ("pretrain", "pretrain.arch", "vit", "unknown architecture 'vit'"),
         ("prepare", "prepare.partition.alpha", 0, "prepare.partition.alpha = 0: Input should be greater than 0"),
         ("prepare", "prepare.partition.alpha", -1.5, "prepare.partition.alpha = -1.5"),
-        ("prepare", "prepare.partition.method", "zipf", "unknown partitioner 'zipf'; allowed: dirichlet, iid, pathological, quantity_skew"),
+        ("prepare", "prepare.partition.method", "zipf", "unknown partitioner 'zipf'; allowed: dirichlet, dirichlet_clients, iid, pathological, quantity_skew"),
         ("prepare", "prepare.partition.beta", 1, "unknown key prepare.partition.beta; allowed: method, alpha"),
         ("prepare", "prepare.dataset", "imagenet", "unknown dataset 'imagenet'"),
         ("prepare", "prepare.val_fraction", 0.7, "prepare.val_fraction = 0.7: Input should be less than 0.5"),

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.methods.merge.alignment import align_experts, permute, small_cnn_spec, weight_matching
 from pipeline.methods.merge.drop_masks import CHUNK, DropMasks
@@ -30,8 +31,10 @@ IDENTITY_OPTIONS = {
     "dare": {"density": 1.0, "scale": 1 / 3},
     "dare_ties": {"density": 1.0, "scale": 1.0},
     "breadcrumbs": {"density": 1.0, "outliers": 0.0, "scale": 1 / 3},
-    "pcb": {"density": 1.0},
 }
+# PCB is not idempotent, in the authors' release as here: even at density 1 each task's
+# lowest-scoring entry gets weight 0, so K copies of one model lose that entry's task vector.
+NOT_IDEMPOTENT = {"pcb"}
 
 
 def merge_data(k=3, n=24, seed=0):
@@ -42,7 +45,7 @@ def merge_data(k=3, n=24, seed=0):
     return MergeData(SmallCNN(1, 10, 4), shards, x_val, y_val, torch.cat([x for x, _ in shards]), 64, seed)
 
 
-@pytest.mark.parametrize("method", MERGERS.names())
+@pytest.mark.parametrize("method", sorted(set(MERGERS.names()) - NOT_IDEMPOTENT))
 def test_merging_identical_models_returns_that_model(method):
     base = state(0)
     expert = state(1)
@@ -235,7 +238,8 @@ def test_breadcrumbs_drops_outliers_and_small_entries():
     # outliers 0.2 of 5 -> drop the largest (0.9); density 0.4 -> keep the next 2 (-0.8, 0.5)
     assert breadcrumbs_mask(d, density=0.4, outliers=0.2).tolist() == [[False, False, True, True, False]]
     assert breadcrumbs_mask(d, density=0.4, outliers=0.0).tolist() == [[True, False, False, True, False]]
-    assert breadcrumbs_mask(d, density=1.0, outliers=0.2).tolist() == [[False, True, True, True, True]]
+    # density 1 keeps everything: no room left for an outlier cut (mergekit returns the tensor)
+    assert breadcrumbs_mask(d, density=1.0, outliers=0.2).tolist() == [[True] * 5]
 
 
 @pytest.mark.parametrize("density,outliers", [(0.9, 0.01), (0.3, 0.0), (0.5, 0.2)])
@@ -356,43 +360,49 @@ def test_greedy_soup_leaves_out_an_expert_that_hurts_validation_accuracy():
     assert data.notes["greedy_soup"]["val_accuracy"] > data.val_accuracy(noise)
 
 
-def test_pcb_worked_example_against_its_definition():
-    deltas = torch.tensor([[0.5, -0.2, 0.05, 1.0], [0.4, 0.3, -0.1, -0.6], [0.1, 0.2, 0.02, 0.9]])
-    k, n = deltas.shape
-    density = 0.5
-    # the definition entry by entry
-    sq = deltas**2
-    intra = torch.stack([torch.exp(k * (sq[i] - sq[i].min()) / (sq[i].max() - sq[i].min())) for i in range(k)])
-    total = deltas.sum(0)
-    inter = torch.stack([torch.tensor([
-        math.exp(deltas[i, j] * total[j]) / sum(math.exp(deltas[m, j] * total[j]) for m in range(k))
-        for j in range(n)]) for i in range(k)])
-    beta = intra * inter
-    expected = torch.zeros(n)
-    weights = torch.zeros(k, n)
-    for i in range(k):
-        kept = sorted(beta[i].tolist(), reverse=True)[: int(density * n)]
-        lo, hi = min(kept), max(kept)
-        for j in range(n):
-            if beta[i, j] >= lo:
-                weights[i, j] = max((beta[i, j] - lo) / (hi - lo), 1e-12)
-    expected = (weights * deltas).sum(0) / weights.sum(0).clamp(min=1e-12)
-    assert torch.allclose(pcb_combine(deltas, density), expected, atol=1e-6)
+def pcb_release(rows, density, r=1e-4):
+    """PCB_merge of the authors' release (duguodong7/pcb-merging, pcb-merging.py), transcribed
+    into plain Python on lists: clamp(|x|, r, r), sign back, normalize(.)**2 -> exp(n * .),
+    tanh(x * column sum), clamp(score, 1 - ratio, 0) and normalize, weighted mean."""
+    k, n = len(rows), len(rows[0])
+
+    def clamp_rows(m, min_ratio, max_ratio):
+        out = []
+        for row in m:
+            s = sorted(row)
+            lo, hi = s[int(n * min_ratio)], s[int(n * (1 - max_ratio) - 1)]
+            out.append([min(max(v, lo), hi) for v in row])
+        return out
+
+    def normalize_rows(m):
+        return [[(v - min(row)) / (max(row) - min(row)) for v in row] for row in m]
+
+    mag = clamp_rows([[abs(v) for v in row] for row in rows], r, r)
+    clamped = [[math.copysign(m, v) for m, v in zip(mr, row)] for mr, row in zip(mag, rows)]
+    intra = [[math.exp(k * v**2) for v in row] for row in normalize_rows(mag)]
+    col = [sum(rows[i][j] for i in range(k)) for j in range(n)]
+    score = [[intra[i][j] * math.tanh(rows[i][j] * col[j]) for j in range(n)] for i in range(k)]
+    scale = normalize_rows(clamp_rows(score, 1 - density, 0))
+    return [sum(scale[i][j] * clamped[i][j] for i in range(k)) / max(sum(scale[i][j] for i in range(k)), 1e-12)
+            for j in range(n)]
 
 
-def test_pcb_blockwise_equals_the_whole_tensor_formula():
-    """pcb_combine works column block by column block; over many blocks it must equal the
-    formula applied to the whole (K, n) tensor at once."""
-    deltas = torch.randn(4, 300_000, generator=torch.Generator().manual_seed(3)) * 0.01
-    k, density = deltas.shape[0], 0.3
-    sq = deltas**2
-    lo, hi = sq.amin(1, keepdim=True), sq.amax(1, keepdim=True)
-    balance = torch.exp(k * (sq - lo) / (hi - lo)) * torch.softmax(deltas * deltas.sum(0), dim=0)
-    threshold = balance.topk(round(density * deltas.shape[1]), dim=1).values.amin(1, keepdim=True)
-    score = ((balance - threshold) / (balance.amax(1, keepdim=True) - threshold)).clamp(min=1e-12)
-    score = torch.where(balance >= threshold, score, torch.zeros_like(score))
-    expected = (score * deltas).sum(0) / score.sum(0).clamp(min=1e-12)  # a column nobody kept: 0
-    assert torch.allclose(pcb_combine(deltas, density), expected, rtol=1e-5, atol=1e-9)
+def test_pcb_against_the_authors_release_worked_by_hand():
+    # Entry 0 is the issue's case: two tasks move +1e-3, one -1.5e-3 against them. The release's
+    # signed tanh term drops the opposing task and the merge is 1e-3; a softmax over tasks
+    # would keep all three and give their mean, 1.67e-4.
+    rows = [[1e-3, 2e-3, -5e-4, 3e-3], [1e-3, -1e-3, 2e-3, 5e-4], [-1.5e-3, 1e-3, 1e-3, 2e-3]]
+    got = pcb_combine(torch.tensor(rows, dtype=torch.float64), density=0.75)
+    assert got[0].item() == pytest.approx(1e-3, rel=1e-6)  # float32 arithmetic
+    assert got.tolist() == pytest.approx(pcb_release(rows, 0.75), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_pcb_equals_the_release_on_random_task_vectors(density):
+    g = torch.Generator().manual_seed(7)
+    deltas = torch.randn(4, 300, generator=g, dtype=torch.float64) * 1e-3
+    expected = pcb_release(deltas.tolist(), density)
+    assert pcb_combine(deltas, density).tolist() == pytest.approx(expected, rel=1e-5, abs=1e-12)  # float32
 
 
 def test_weight_matching_undoes_a_random_permutation_of_hidden_units():
@@ -429,3 +439,31 @@ def test_stacks_share_one_buffer_without_leaking_views_of_it():
     assert torch.equal(merged["c"], torch.tensor(0))
     deltas = per_tensor(experts, lambda _, stacked: stacked.sum(0), base=experts[0])
     assert torch.equal(deltas["b"], torch.full((2, 3), 3.0)), "with a base, the stack holds task vectors"
+
+
+def test_ties_elects_plus_where_the_signs_cancel_as_mergekit_does():
+    deltas = torch.tensor([[0.3, 0.5], [-0.3, -0.2]])  # entry 0 sums to exactly 0
+    merged = ties_combine(deltas, density=1.0)
+    assert merged[0].item() == pytest.approx(0.3)  # + elected: the mean of the positive entries
+    assert merged[1].item() == pytest.approx(0.5)
+
+
+def test_model_stock_moves_away_from_the_mean_when_task_vectors_oppose():
+    base = {"w": torch.zeros(2)}
+    experts = [{"w": torch.tensor([1.0, 0.2])}, {"w": torch.tensor([-1.0, 0.0])}]
+    merged = MERGERS["model_stock"](experts, base, torch.tensor([0.5, 0.5]))
+    cos = F.cosine_similarity(experts[0]["w"], experts[1]["w"], dim=0).item()
+    t = 2 * cos / (1 + cos)
+    assert cos < 0 and t < 0
+    assert torch.allclose(merged["w"], t * torch.tensor([0.0, 0.1]))
+
+
+def test_breadcrumbs_keeps_density_when_density_and_outliers_exceed_one():
+    # mergekit: when density + outliers > 1 the outlier cut shrinks so that `density` is kept:
+    # here 100 outliers instead of 200, and nothing small is dropped
+    deltas = torch.randn(2, 1000, generator=torch.Generator().manual_seed(0))
+    mask = breadcrumbs_mask(deltas, density=0.9, outliers=0.2)
+    assert mask.sum(1).tolist() == [900, 900]
+    magnitude = deltas.abs()
+    for row, keep in zip(magnitude, mask):
+        assert row[keep].max() < row[~keep].min()  # the 100 dropped are the largest

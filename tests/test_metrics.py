@@ -69,3 +69,41 @@ def test_temperature_scaling_recovers_the_overconfidence_factor():
     assert abs(t - 3.0) < 0.15
     report = classification_report(3.0 * z, y, 15, temperature=t)
     assert report["ece_scaled"] < report["ece"] / 3 and report["nll_scaled"] < report["nll"]
+
+
+def test_device_knn_votes_as_scikit_learns_cosine_knn():
+    """Checked against scikit-learn's KNeighborsClassifier (brute force, cosine metric), which
+    the evaluate stage used before the vote moved onto the features' device."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from pipeline.evaluation.probes import knn_predict
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g)
+    y_train = torch.randint(0, 5, (400,), generator=g)
+    train = centres[y_train] + 0.8 * torch.randn(400, 16, generator=g)
+    y_query = torch.randint(0, 5, (150,), generator=g)
+    query = centres[y_query] + 0.8 * torch.randn(150, 16, generator=g)
+    ours = knn_predict(train, y_train, query, k=20, chunk=64)
+    ref = KNeighborsClassifier(n_neighbors=20, metric="cosine").fit(train.numpy(), y_train.numpy())
+    assert (ours.numpy() == ref.predict(query.numpy())).all()
+
+
+def test_fixed_subsets_are_seeded_sorted_and_whole_when_small():
+    from pipeline.evaluation.probes import fixed_subset
+
+    assert fixed_subset(10, 50, 0).tolist() == list(range(10))
+    a, b, c = fixed_subset(1000, 100, 1), fixed_subset(1000, 100, 1), fixed_subset(1000, 100, 2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(a.unique()) == 100 and (a.diff() > 0).all()
+
+
+def test_pair_sample_is_bounded_seeded_and_complete_when_small():
+    from pipeline.evaluation.compare import choose_pairs
+
+    experts = [f"expert_{k}" for k in range(20)]
+    assert len(choose_pairs(experts[:4], 6, 0)) == 6  # all C(4, 2)
+    picked = choose_pairs(experts, 6, 0)
+    assert len(picked) == 6 and picked == choose_pairs(experts, 6, 0) != choose_pairs(experts, 6, 1)
+    assert all(int(a.removeprefix("expert_")) < int(b.removeprefix("expert_")) for a, b in picked)
+    assert len(set(picked)) == 6

@@ -177,20 +177,31 @@ def test_label_smoothing_spreads_epsilon_uniformly():
         F.cross_entropy(logits, torch.tensor([1, 0]), label_smoothing=0.2).item(), rel=1e-6)
 
 
-def test_decoupled_regulariser_matches_its_definition():
+def test_decoupled_loss_matches_openmixups_definition():
+    """Worked from openmixup's soft_mix_cross_entropy (Westlake-AI/openmixup,
+    openmixup/models/losses/cross_entropy_loss.py): rows mixed from two classes get the soft CE
+    plus eta times, per mixed class, the CE over that class and the unmixed ones; one-hot rows
+    (a pair of one class) get the soft CE alone; the two groups' means are added."""
     torch.manual_seed(0)
-    logits = torch.randn(3, 5)
-    mixed = torch.tensor([[0.7, 0.3, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0.1, 0, 0, 0.9]])
-    targets = torch.stack([mixed, torch.zeros(3, 5)], 1)
+    logits = torch.randn(4, 5)
+    mixed = torch.tensor([[0.7, 0.3, 0, 0, 0], [0, 0, 1.0, 0, 0], [0, 0.1, 0, 0, 0.9], [0, 0, 0, 1.0, 0]])
+    targets = torch.stack([mixed, torch.zeros(4, 5)], 1)
     eta = 0.5
-    dm = 0.0
-    for i in range(3):
+    ce = [-(mixed[i] * logits[i].log_softmax(0)).sum().item() for i in range(4)]
+    two_class = []
+    for i in (0, 2):
         classes = mixed[i].nonzero().flatten().tolist()
+        dm = 0.0
         for c in classes:  # softmax over c and the classes not in the mix
             keep = [j for j in range(5) if j == c or j not in classes]
             dm -= logits[i, keep].log_softmax(0)[keep.index(c)].item()
-    ce = -(mixed * logits.log_softmax(1)).sum(1).mean().item()
-    assert decoupled(logits, targets, 0.0, eta=eta).item() == pytest.approx(ce + eta * dm / 3, rel=1e-5)
+        two_class.append(ce[i] + eta * dm)
+    expected = sum(two_class) / 2 + (ce[1] + ce[3]) / 2
+    assert decoupled(logits, targets, 0.0, eta=eta).item() == pytest.approx(expected, rel=1e-5)
+    # a batch of one-hot rows only is plain cross-entropy
+    one_hot = torch.stack([F.one_hot(torch.tensor([2, 3]), 5).float()] * 2, 1)
+    assert decoupled(logits[:2], one_hot, 0.0, eta=eta).item() == pytest.approx(
+        F.cross_entropy(logits[:2], torch.tensor([2, 3])).item(), rel=1e-6)
 
 
 def test_rankmixup_penalises_mixed_samples_more_confident_than_clean_ones():

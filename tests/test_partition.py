@@ -64,3 +64,22 @@ def test_quantity_skew_varies_sizes_not_labels():
     assert skewed.std() > 4 * even.std()
     assert even.max() - even.min() < 40
     assert het_even < 0.1 and het_skewed < 0.35, "labels stay close to the global mix"
+
+
+def test_dirichlet_clients_draws_each_shards_class_mix_and_keeps_sizes_equal():
+    """Hsu et al. 2019: shard k's labels follow q_k ~ Dir(alpha p); shards are equal in size.
+    The two Dirichlet schemes differ: per class over shards, sizes vary with the draw."""
+    def run(method, alpha):
+        shards = PARTITIONERS[method](LABELS, 5, np.random.default_rng(0), alpha=alpha)
+        return [len(s) for s in shards], heterogeneity(label_histograms(LABELS, shards, 10))
+
+    sizes, skewed = run("dirichlet_clients", 0.05)
+    assert sizes == [120] * 5
+    # the concentration per class is alpha * p_c = alpha / 10 here
+    assert skewed > 0.6 > run("dirichlet_clients", 1000.0)[1]
+    assert run("dirichlet_clients", 1000.0)[1] < 0.15
+    assert len(set(run("dirichlet", 0.5)[0])) > 1
+    # a shard's largest class share, far above the 0.1 of a balanced mix
+    shards = PARTITIONERS["dirichlet_clients"](LABELS, 5, np.random.default_rng(1), alpha=0.1)
+    top_share = np.mean([label_histograms(LABELS, [s], 10).max() / len(s) for s in shards])
+    assert top_share > 0.4  # of at most 0.5: a class has 60 samples, a shard holds 120

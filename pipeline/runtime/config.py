@@ -203,6 +203,11 @@ class EvaluateConfig(Strict):
     ece_bins: PositiveInt = 15
     batch_size: PositiveInt = 512
     interpolation_points: int = Field(5, ge=2)  # per pair of experts, endpoints included
+    # What keeps evaluation's cost fixed as the data and K grow (pipeline.evaluation.compare):
+    probe_samples: PositiveInt = 5000  # training images the linear probe and kNN are fitted on
+    bn_samples: PositiveInt = 2048  # training images BatchNorm is recomputed on along a curve
+    interpolation_samples: PositiveInt = 2000  # test images each interpolation point is scored on
+    interpolation_pairs: PositiveInt = 6  # expert pairs with curves and diagnostics (a seeded sample)
 
 
 STAGE_MODELS: dict[str, type[Strict]] = {

@@ -33,7 +33,9 @@ def model_stock(experts: list[StateDict], base: StateDict | None, weights: torch
     def combine(_: str, deltas: torch.Tensor) -> torch.Tensor:
         flat = torch.nn.functional.normalize(deltas.reshape(k, -1), dim=1)
         gram = flat @ flat.T
-        cos = ((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))).clamp(min=0.0)
+        # Not clamped at 0: with cos < 0, t < 0 and the merge moves away from the mean, as
+        # mergekit's model_stock computes it (the paper assumes cos > 0).
+        cos = (gram.sum() - gram.diagonal().sum()) / (k * (k - 1))
         t = k * cos / (1 + (k - 1) * cos)
         return t * deltas.mean(0)  # base + t * (mean - base)
 

@@ -78,6 +78,7 @@ def breadcrumbs_mask(deltas: torch.Tensor, density: float, outliers: float) -> t
     flat = deltas.reshape(k, -1)
     n = flat.shape[1]
     top, keep = int(round(outliers * n)), max(1, int(round(density * n)))
+    top = min(top, n - keep)  # as mergekit: when density + outliers > 1, cut fewer outliers, keep `density`
     magnitude = flat.abs()
     mask = magnitude >= top_magnitude_thresholds(flat, min(n, top + keep))
     if top > 0:

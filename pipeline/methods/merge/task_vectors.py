@@ -33,8 +33,9 @@ def ties_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
     for start in range(0, n, BLOCK):
         block = flat[:, start:start + BLOCK]
         trimmed = block * (block.abs() >= threshold) if threshold is not None else block.clone()
-        # Elect: the sign with the larger total magnitude per parameter.
-        sign = trimmed.sum(0).sign_()
+        # Elect: the sign with the larger total magnitude per parameter; + where the total is
+        # exactly 0, as mergekit elects (its get_mask sets sign 0 to 1).
+        sign = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(trimmed.dtype)
         # Disjoint mean: average only the (non-zero) entries that agree with the elected sign.
         # Times the sign, those are the positive entries: their sum (times the sign again) and
         # count give the mean, bit for bit what summing the agreeing entries gives, in fewer passes.
@@ -132,50 +133,58 @@ def breadcrumbs(
         experts, base, lambda _, d: scale * (d * breadcrumbs_mask(d, density, outliers)).sum(0))
 
 
-def pcb_combine(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """PCB on one tensor's K task vectors (K, *shape): balance, drop, rescale, weighted mean.
+def _row_order_statistic(rows: torch.Tensor, index: int) -> torch.Tensor:
+    """Per row of (K, n): the value at 0-based ``index`` of the row sorted ascending, as (K, 1)."""
+    return rows.kthvalue(index + 1, dim=1, keepdim=True).values
 
-    Column block by column block, as ties_combine: only the balance scores are kept whole
-    (each task's threshold is over its whole row): measured 1.9-2.1 s -> 0.63-0.66 s on K=8
-    ResNet-18 (`python -m bench.merge_ab`), where each whole-tensor temporary faulted its pages
-    in afresh."""
+
+def _row_minmax(rows: torch.Tensor) -> torch.Tensor:
+    """(x - min) / (max - min) per row; 0 where a row is constant (the release divides by 0)."""
+    lo, hi = rows.aminmax(dim=1, keepdim=True)
+    return (rows - lo) / (hi - lo).clamp(min=1e-30)
+
+
+def pcb_combine(deltas: torch.Tensor, density: float, outliers: float = 1e-4) -> torch.Tensor:
+    """PCB on one tensor's K task vectors (K, *shape), step by step as the authors' release
+    (duguodong7/pcb-merging, PCB_merge) computes it on a (K, n) matrix:
+
+    1. clamp each task's |delta| to its own [outliers, 1 - outliers] order statistics (sorted
+       indices int(n r) and int(n (1 - r)) - 1: for n < 1/r the top value is clamped to the
+       second largest), and keep the signs: the task vectors that get merged;
+    2. intra-balancing exp(K * minmax(|clamped delta_k|)^2), per task;
+    3. inter-balancing tanh(delta_k * sum_j delta_j) on the unclamped task vectors: signed, so
+       an entry that opposes the consensus scores below zero;
+    4. score = intra * inter; each task keeps the entries above its sorted value at index
+       int(n (1 - density)) (by the signed score, not its magnitude), rescaled to (0, 1] by
+       (score - that value) / (max - that value), the rest 0;
+    5. the merge is sum_k scale_k * clamped_k / max(sum_k scale_k, 1e-12).
+    """
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1).float()
     n = flat.shape[1]
-    # Intra-balancing rescales delta^2 to [0, 1] per task: from each row's least and greatest |delta|.
-    lo = torch.full((k, 1), float("inf"), device=flat.device)
-    hi = torch.zeros(k, 1, device=flat.device)
-    for start in range(0, n, BLOCK):
-        low, high = flat[:, start:start + BLOCK].abs().aminmax(dim=1, keepdim=True)
-        lo, hi = torch.minimum(lo, low), torch.maximum(hi, high)
-    lo, span = lo**2, (hi**2 - lo**2).clamp(min=1e-12)
-    balance = torch.empty_like(flat)
-    for start in range(0, n, BLOCK):
-        block = flat[:, start:start + BLOCK]
-        intra = torch.exp(k * ((block**2 - lo) / span))  # softmax over a task's entries, up to a constant
-        inter = torch.softmax(block * block.sum(0, keepdim=True), dim=0)  # across tasks, per entry
-        torch.mul(intra, inter, out=balance[:, start:start + BLOCK])
-    keep = max(1, int(round(density * n)))
-    threshold = top_magnitude_thresholds(balance, keep)  # balance > 0: its k-th largest value
-    scale = (balance.amax(1, keepdim=True) - threshold).clamp(min=1e-12)
-    merged = torch.empty(n, device=flat.device)
-    for start in range(0, n, BLOCK):
-        b = balance[:, start:start + BLOCK]
-        score = ((b - threshold) / scale).clamp_(min=1e-12).mul_(b >= threshold)
-        weighted = (score * flat[:, start:start + BLOCK]).sum(0)
-        torch.div(weighted, score.sum(0).clamp_(min=1e-12), out=merged[start:start + BLOCK])
-    return merged.reshape(deltas.shape[1:])
+    magnitude = flat.abs()
+    lo = _row_order_statistic(magnitude, int(n * outliers))
+    hi = _row_order_statistic(magnitude, max(int(n * (1 - outliers)) - 1, 0))
+    magnitude = torch.minimum(torch.maximum(magnitude, lo), hi)
+    clamped = flat.sign() * magnitude
+    score = torch.exp(k * _row_minmax(magnitude) ** 2) * torch.tanh(flat * flat.sum(0, keepdim=True))
+    threshold = _row_order_statistic(score, min(int(n * (1 - density)), n - 1))
+    scale = _row_minmax(torch.maximum(score, threshold))
+    return ((clamped * scale).sum(0) / scale.sum(0).clamp(min=1e-12)).reshape(deltas.shape[1:])
 
 
 @MERGERS.register("pcb")
 def pcb(
     experts: list[StateDict], base: StateDict | None, weights: torch.Tensor, *,
     density: Fraction = 0.2, scale: Scale = 1.0,
+    outliers: Annotated[float, Field(ge=0, lt=0.5)] = 1e-4,
 ) -> StateDict:
-    """PCB-merging: Du et al. 2024, "Parameter Competition Balancing for Model Merging" (NeurIPS).
-    Per entry, intra-balancing exp(K * minmax(delta_k^2)) times inter-balancing softmax over
-    tasks of delta_k * sum_j delta_j (as the authors' release computes it); each task keeps
-    its top-``density`` scores, rescaled to (0, 1]; the merge is the score-weighted mean of
-    the task vectors, added to the base with ``scale``. Per tensor, like TIES here (the paper
-    flattens whole models); the paper's outlier clamp is not applied."""
-    return task_vector_merge(experts, base, lambda _, d: scale * pcb_combine(d, density))
+    """PCB-merging: Du et al. 2024, "Parameter Competition Balancing for Model Merging" (NeurIPS),
+    as the authors' release computes it (see pcb_combine): outlier clamp, intra-balancing
+    exp(K * minmax(|delta_k|)^2) times inter-balancing tanh(delta_k * sum_j delta_j), each
+    task keeps its top-``density`` signed scores rescaled to (0, 1], score-weighted mean of the
+    clamped task vectors, added to the base times ``scale`` (the release's lambda: 1.2, or tuned
+    by evolutionary search on validation data). Per tensor, like TIES here; the release works on
+    the whole model flattened into one vector per task. The paper writes the inter-balancing
+    term as a softmax; we follow the released code."""
+    return task_vector_merge(experts, base, lambda _, d: scale * pcb_combine(d, density, outliers))

@@ -46,14 +46,22 @@ def decoupled_log_probs(logits: torch.Tensor, positive: torch.Tensor) -> torch.T
 def decoupled(logits: torch.Tensor, targets: torch.Tensor, smoothing: float, *,
               eta: Annotated[float, Field(ge=0)] = 0.1) -> torch.Tensor:
     """Decoupled mixup: Liu et al. 2023, "Harnessing Hard Mixed Samples with Decoupled
-    Regularizer" (NeurIPS). Mixup's cross-entropy plus eta times the DM regulariser
-    -sum over the mixed classes c of log softmax_c, where each class's softmax leaves the
-    other mixed class out. The regulariser does not weight the classes by lambda, so a
-    class that contributes little of the image must still be predicted with confidence."""
+    Regularizer" (NeurIPS), as openmixup's soft_mix_cross_entropy computes it. A sample mixed
+    from two classes gets mixup's cross-entropy plus eta times the DM regulariser
+    -sum over its mixed classes c of log softmax_c, each class's softmax leaving the other
+    mixed class out (so a class that contributes little of the image must still be predicted
+    with confidence). A sample whose pair shares its class (one-hot target) gets the plain
+    cross-entropy only. Each group is averaged over its own samples and the two means are
+    added, as openmixup does. A class counts as mixed above a 1e-3 share (openmixup's eps).
+    One eta for both classes (the paper's form; openmixup's configs can weight them apart)."""
     mixed = targets[:, 0]
-    positive = mixed > 0
-    dm = -(positive * decoupled_log_probs(logits, positive)).sum(-1).mean()
-    return soft_cross_entropy(logits, smooth(mixed, smoothing)) + eta * dm
+    positive = mixed > 1e-3
+    two = (positive.sum(-1) >= 2).to(logits.dtype)
+    ce = -(smooth(mixed, smoothing) * logits.float().log_softmax(-1)).sum(-1)
+    dm = -(positive * decoupled_log_probs(logits, positive)).sum(-1)
+    mixed_mean = ((ce + eta * dm) * two).sum() / two.sum().clamp(min=1)
+    one_hot_mean = (ce * (1 - two)).sum() / (1 - two).sum().clamp(min=1)
+    return mixed_mean + one_hot_mean
 
 
 @MIX_LOSSES.register("rankmixup")

@@ -52,12 +52,15 @@ def dirichlet(
     max_draws: int = 1000,
     **_,
 ) -> list[np.ndarray]:
-    """Label skew: each class is spread over shards with proportions ~ Dir(alpha * 1_K).
+    """Label skew, per class over shards: each class's samples are spread over the K shards
+    with proportions ~ Dir(alpha * 1_K), so shard sizes differ too.
 
-    Hsu, Qi & Brown 2019, "Measuring the Effects of Non-Identical Data Distribution for
-    Federated Visual Classification". Small alpha -> each shard sees few classes; large
-    alpha -> close to IID. The whole draw is repeated until every shard holds at least
-    ``min_shard_size`` samples (as in NIID-Bench, Li et al. 2022).
+    The scheme of Yurochkin et al. 2019, "Bayesian Nonparametric Federated Learning of Neural
+    Networks", used by NIID-Bench (Li, Diao, Chen & He 2022, "Federated Learning on Non-IID Data
+    Silos: An Experimental Study") and most federated-learning code since. Small alpha -> each
+    shard sees few classes; large alpha -> close to IID. The whole draw is repeated until every
+    shard holds at least ``min_shard_size`` samples (as NIID-Bench does). For the scheme that
+    draws each shard's class mix instead, see ``dirichlet_clients``.
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
@@ -74,6 +77,50 @@ def dirichlet(
         return [np.concatenate(s) for s in shards]
 
     return _redraw(draw, num_shards, min_shard_size, max_draws, f"Dirichlet(alpha={alpha}) draw")
+
+
+@PARTITIONERS.register("dirichlet_clients")
+def dirichlet_clients(
+    labels: np.ndarray,
+    num_shards: int,
+    rng: np.random.Generator,
+    alpha: float = 0.5,
+    min_shard_size: int = 1,
+    **_,
+) -> list[np.ndarray]:
+    """Label skew, per shard: each shard's class mix is q_k ~ Dir(alpha * p), p the classes'
+    share of the data, and the shards are equal in size.
+
+    Hsu, Qi & Brown 2019, "Measuring the Effects of Non-Identical Data Distribution for
+    Federated Visual Classification". Shard by shard, its N/K samples are drawn class by
+    class from what is left, following q_k; when a class runs out, its share goes to the
+    classes that remain (renormalised), so every sample is assigned exactly once.
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    classes, counts = np.unique(labels, return_counts=True)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in classes]
+    left = counts.copy()
+    prior = counts / counts.sum()
+    sizes = [len(part) for part in np.array_split(np.arange(len(labels)), num_shards)]
+    if min(sizes) < min_shard_size:
+        raise ValueError(f"{num_shards} equal shards of {len(labels)} samples hold {min(sizes)} each, "
+                         f"fewer than min_shard_size={min_shard_size}; use fewer shards")
+    shards = []
+    for size in sizes:
+        q = rng.dirichlet(alpha * prior)
+        take = np.zeros(len(classes), dtype=np.int64)
+        need = size
+        while need > 0:
+            p = np.where(left > take, q, 0.0)
+            p = p / p.sum() if p.sum() > 0 else (left > take) / (left > take).sum()
+            draw = np.minimum(rng.multinomial(need, p), left - take)
+            take += draw
+            need -= int(draw.sum())
+        shards.append(np.sort(np.concatenate(
+            [np.array([pools[c].pop() for _ in range(n)], dtype=np.int64) for c, n in enumerate(take)])))
+        left -= take
+    return shards
 
 
 @PARTITIONERS.register("pathological")
