@@ -12,11 +12,18 @@ Run: python -m flows.pipeline_flow [--stack-shards]   (a temporary Prefect serve
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Before Prefect loads its settings: the temporary server's telemetry heartbeat writes to the
+# same SQLite file as the flow and prints a "database is locked" traceback that is not ours;
+# MLflow's table-creation chatter is not the user's business either.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner

@@ -23,6 +23,12 @@ import sys
 from pathlib import Path
 
 import yaml
+# Before Prefect loads its settings: the temporary server's telemetry heartbeat writes to the
+# same SQLite file as the flow and prints a "database is locked" traceback that is not ours;
+# MLflow's table-creation chatter is not the user's business either.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 

@@ -10,6 +10,7 @@ flow does this with ``stack_shards=True`` and then records each shard stage with
 from __future__ import annotations
 
 import contextlib
+import time
 
 from pipeline.runtime import cli, config
 from pipeline.io import layout
@@ -65,14 +66,16 @@ def main(argv: list[str] | None = None) -> None:
         init = {n: t.clone() for n, t in model.state_dict().items()}
         recipes = [recipe_for(cfg, data.num_classes, mixing_seed(base.seed, k)) for k in shards]
         stacked = can_stack(recipes)
-        lines: dict[int, Progress] = {}  # one progress line per training run, started when it starts
+        lines: dict[int, Progress] = {}  # one progress line per training run
+        last_epoch_end = [time.perf_counter()]  # one after another, a run starts when the last ended
 
         def report(epoch: int, losses: dict[int, float]) -> None:
             i = min(losses)
             if i not in lines:
                 what = f"shards {shards[0]}-{shards[-1]} stacked" if stacked else f"shard {shards[i]}"
-                lines[i] = Progress(f"mix_train[{what}, {mixer_name}]", cfg.epochs)
+                lines[i] = Progress(f"mix_train[{what}, {mixer_name}]", cfg.epochs, start=last_epoch_end[0])
             lines[i].update(epoch, sum(losses.values()) / len(losses))
+            last_epoch_end[0] = time.perf_counter()
 
         states, histories = train_models(
             model, [init] * len(shards), shard_data, recipes, schedule,

@@ -467,3 +467,47 @@ def test_breadcrumbs_keeps_density_when_density_and_outliers_exceed_one():
     magnitude = deltas.abs()
     for row, keep in zip(magnitude, mask):
         assert row[keep].max() < row[~keep].min()  # the 100 dropped are the largest
+
+
+def test_combine_hands_base_seed_to_the_mergers_that_draw():
+    from pipeline.train.combine import combine, merger_takes
+
+    base, experts = state(0), [state(i) for i in (1, 2, 3)]
+    assert merger_takes("dare", "seed") and merger_takes("dare_ties", "seed") and not merger_takes("ties", "seed")
+    a = combine("dare", experts, base, WEIGHTS, {"density": 0.5}, seed=0)
+    b = combine("dare", experts, base, WEIGHTS, {"density": 0.5}, seed=0)
+    c = combine("dare", experts, base, WEIGHTS, {"density": 0.5}, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["body.0.0.weight"], c["body.0.0.weight"])
+    with pytest.raises(ValueError, match="needs data"):
+        combine("fisher", experts, base, WEIGHTS)
+
+
+def test_the_merge_stage_draws_dare_masks_from_base_seed(tmp_path, monkeypatch):
+    """Through the stage: the same experts merged under two values of base.seed give two DARE
+    merges; the same seed gives the same bytes."""
+    import yaml
+
+    from pipeline import merge, mix_train, prepare, pretrain
+    from tests.conftest import REPO, set_key
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in {"base.shards": [0, 1], "pretrain.epochs": 1, "pretrain.width": 4, "mix_train.epochs": 1,
+                       "merge.registered_model": None, "merge.bn_recalibration": False,
+                       "merge.mergers": {"dare": {"method": "dare", "density": 0.5}}}.items():
+        set_key(params, key, value)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for stage, argv in ((prepare, []), (pretrain, []), (mix_train, ["--shard", "0", "1"])):
+        stage.main(argv)
+
+    def merged_with(seed: int) -> bytes:
+        set_key(params, "base.seed", seed)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        merge.main([])
+        return (tmp_path / "data" / "merged" / "dare.safetensors").read_bytes()
+
+    first = merged_with(0)
+    assert merged_with(1) != first
+    assert merged_with(0) == first

@@ -11,11 +11,11 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, label: str, total_epochs: int, stream: TextIO | None = None):
+    def __init__(self, label: str, total_epochs: int, stream: TextIO | None = None, start: float | None = None):
         self.label, self.total = label, total_epochs
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start  # a time.perf_counter() value
         # In a log: the first epoch, each quarter, and the last.
         self.log_epochs = {1, total_epochs} | {max(1, round(total_epochs * q / 4)) for q in (1, 2, 3)}
 
