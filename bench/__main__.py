@@ -69,7 +69,7 @@ def bench_experts(device, repeats, k=8, n=256, epochs=2, width=16, batch_size=64
 
     def one_by_one():
         for i, (x, y) in enumerate(data):
-            model = channels_last(build("small_cnn", 1, 10, width).to(device))  # as train_one
+            model = channels_last(build("small_cnn", 1, 10, width).to(device))  # as the engine trains one by one
             model.load_state_dict(init)
             model.train()
             rng = np.random.default_rng(i)

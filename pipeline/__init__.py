@@ -1,7 +1,9 @@
 """mixmerge: partition -> pretrain -> mix_train (K experts) -> merge -> evaluate.
 
-Pure library modules (tensors in, tensors out): partition, models, augment, objectives,
-mixers, training, merging, metrics. IO modules: config, datasets, checkpoints, tracking,
-plots, progress. Stage entry points (one per DVC stage): prepare, pretrain, mix_train,
-merge, evaluate, each runnable as ``python -m pipeline.<stage>``.
+The stage entry points sit at the top (``python -m pipeline.<stage>``, one per DVC stage) and
+use the layers below them, each a package: ``runtime`` (typed config, CLI, exit codes), ``io``
+(datasets, checkpoints, tracking, plots, serving), ``train`` (the engine: train K models,
+combine K states) and ``evaluation`` (metrics, probes, diagnostics), ``methods`` (one package per
+method family, each a registry), ``nn`` (architectures, inference, BatchNorm). The contract in
+pyproject.toml ([tool.importlinter]) keeps the pure layers free of IO, tracking and config.
 """

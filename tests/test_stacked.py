@@ -101,6 +101,7 @@ def test_the_engine_stacks_only_what_it_can():
     assert not can_stack([recipe("mixup")])  # one model: nothing to stack
     manifold = MixRecipe({"manifold_mixup": 1.0}, 1.0, 10, "soft_ce")
     assert not can_stack([manifold, MixRecipe({"manifold_mixup": 1.0}, 1.0, 10, "soft_ce")])  # hooks the model
+    assert not can_stack([recipe("mixup"), recipe("saliencymix, decoupled")])  # two different losses
     with pytest.raises(ValueError, match="cannot be trained stacked"):
         train_models(SmallCNN(1, 10, 4), [{}], [None], [manifold], SCHEDULE, [torch.Generator()], CPU, stack=True)
 

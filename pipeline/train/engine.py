@@ -1,6 +1,7 @@
 """Train K models from K start states: one of the two calls every way of combining models
 is built from (the other, combining K states into one, is pipeline.train.combine). mix_train
-is one call of each kind's first; federated and decentralised rounds repeat the pair.
+is one call of train_models, merge one call of combine per merger; federated and
+decentralised rounds repeat the pair.
 
 ``train_models`` trains model i from ``inits[i]`` on ``sources[i]`` with ``recipes[i]``
 (its batch builder and loss, with its own random stream), stacked and vmapped when every
@@ -26,6 +27,7 @@ class Recipe(Protocol):
     """How one model builds and scores its batches (pipeline.methods.mix.MixRecipe is one)."""
 
     mixes_hidden_layers: bool
+    loss_key: tuple  # recipes with one loss_key compute the same loss (stacking shares one)
 
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -41,7 +43,7 @@ EpochCallback = Callable[[int, dict[int, float]], None]
 def can_stack(recipes: list[Recipe]) -> bool:
     """Stacking needs more than one model, one shared loss function, and no hooks in the model."""
     return (len(recipes) > 1 and not any(r.mixes_hidden_layers for r in recipes)
-            and len({getattr(r.loss, "__func__", r.loss) for r in recipes}) == 1)
+            and len({r.loss_key for r in recipes}) == 1)
 
 
 def train_models(

@@ -30,6 +30,11 @@ class MixRecipe:
         self.needs_clean = getattr(self.loss_fn, "needs_clean", False)
 
     @property
+    def loss_key(self) -> tuple:
+        """What decides the loss function: recipes with equal keys can share one vmapped loss."""
+        return (self.loss_fn, self.smoothing, tuple(sorted(self.loss_options.items())))
+
+    @property
     def mixes_hidden_layers(self) -> bool:
         """True when a mixer hooks the model (manifold mixup): such a recipe cannot be vmapped."""
         return any(hasattr(m, "attach") for m in self.mixers)
