@@ -14,11 +14,13 @@ CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 
 def images(n: int, shape: tuple[int, ...], classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (n, *shape) whose brightness pattern depends on the label, and the labels."""
+    """uint8 images (n, *shape) whose brightness pattern depends on the label, and the labels.
+    The class patterns depend on the shape and class count only, so train and test splits
+    (different ``seed``) share them."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % classes
     rng.shuffle(y)
-    base = rng.integers(0, 256, (classes, *shape))
+    base = np.random.default_rng(classes).integers(0, 256, (classes, *shape))
     x = np.clip(0.7 * base[y] + rng.normal(0, 30, (n, *shape)), 0, 255).astype(np.uint8)
     return x, y
 
