@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.nn.models import channels_last
 from pipeline.train.data_path import BatchSource
 from pipeline.train.loop import Schedule, fit
-from pipeline.train.stacked import StateDict, fit_stacked
+from pipeline.train.stacked import Penalty, StateDict, fit_stacked
 
 
 class Recipe(Protocol):
@@ -58,12 +58,15 @@ def train_models(
     stack: bool | None = None,
     on_epoch: EpochCallback | None = None,
     compile: bool = False,
+    penalty: Penalty | None = None,
 ) -> tuple[list[StateDict], list[list[float]]]:
     """Train K models; returns their final state dicts and per-epoch mean losses.
 
     ``model`` supplies the architecture (its weights are overwritten); ``generators[i]`` draws
     model i's batch order. ``stack``: None decides by ``can_stack``, False forces one after
-    another, True insists on stacking (a ValueError when the recipes cannot be stacked)."""
+    another, True insists on stacking (a ValueError when the recipes cannot be stacked).
+    ``penalty`` adds a parameter-space term to each model's loss (pipeline.train.stacked.Penalty:
+    a client algorithm's proximal or linear term), the same on either path."""
     if not (len(inits) == len(sources) == len(recipes) == len(generators)):
         raise ValueError("train_models needs one start state, data source, recipe and generator per model")
     stacked = can_stack(recipes) if stack is None else stack
@@ -74,12 +77,13 @@ def train_models(
             model, inits, sources, lambda i, x, y: recipes[i].batch(x, y), recipes[0].loss, schedule,
             generators, device,
             on_epoch=None if on_epoch is None else lambda e, losses: on_epoch(e, dict(enumerate(losses))),
-            compile=compile,
+            compile=compile, penalty=penalty,
         )
     states, histories = [], []
     for i, (init, source, recipe, g) in enumerate(zip(inits, sources, recipes, generators)):
         state, history = _train_one(model, init, source, recipe, schedule, g, device, compile,
-                                    None if on_epoch is None else lambda e, loss, i=i: on_epoch(e, {i: loss}))
+                                    None if on_epoch is None else lambda e, loss, i=i: on_epoch(e, {i: loss}),
+                                    None if penalty is None else lambda params, i=i: penalty(params, [i])[0])
         states.append(state)
         histories.append(history)
     return states, histories
@@ -87,7 +91,9 @@ def train_models(
 
 def _train_one(model: nn.Module, init: StateDict, source: BatchSource, recipe: Recipe, schedule: Schedule,
                g: torch.Generator, device: torch.device, compile: bool,
-               on_epoch: Callable[[int, float], None] | None) -> tuple[StateDict, list[float]]:
+               on_epoch: Callable[[int, float], None] | None,
+               penalty: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+               ) -> tuple[StateDict, list[float]]:
     """One model with torch's own optimiser and scheduler (loop.fit)."""
     model.load_state_dict(init)
     model = channels_last(model)
@@ -96,7 +102,10 @@ def _train_one(model: nn.Module, init: StateDict, source: BatchSource, recipe: R
 
     def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         inputs, targets = recipe.batch(xb, yb)
-        return recipe.loss(forward(inputs), targets)
+        loss = recipe.loss(forward(inputs), targets)
+        if penalty is not None:  # the stacked path's penalty, on a stack of one model
+            loss = loss + penalty({n: p.unsqueeze(0) for n, p in model.named_parameters()})
+        return loss
 
     hooks = recipe.attach(model)
     try:

@@ -33,6 +33,10 @@ from pipeline.nn.inference import autocast
 from pipeline.train.loop import Schedule, batches, steps_per_epoch
 
 StateDict = dict[str, torch.Tensor]
+# A parameter-space loss term per model (FedProx's proximal term, SCAFFOLD's and FedDyn's linear
+# terms): penalty(params, members) -> (len(members),), where params[name] stacks the parameters
+# of the models ``members`` (their indices among the K) on a leading axis. Computed outside vmap.
+Penalty = Callable[[dict[str, torch.Tensor], list[int]], torch.Tensor]
 
 
 def _lr_schedules(k: int, schedule: Schedule, sizes: list[int]):
@@ -57,11 +61,13 @@ def fit_stacked(
     device: torch.device,
     on_epoch: Callable[[int, list[float]], None] | None = None,
     compile: bool = False,
+    penalty: Penalty | None = None,
 ) -> tuple[list[StateDict], list[list[float]]]:
     """Fine-tune K experts from ``inits`` on ``data[k]`` (expert k's shard).
 
     ``prepare_batch(k, x, y) -> (inputs, targets)`` builds expert k's batch (mixing);
-    ``loss(logits, targets) -> scalar`` must be vmappable. ``model`` supplies the
+    ``loss(logits, targets) -> scalar`` must be vmappable. ``penalty(params, members)``, if
+    given, adds a parameter-space term per model (see Penalty). ``model`` supplies the
     architecture only. Returns the K final state dicts and each expert's per-epoch mean loss.
     ``compile`` runs the vmapped forward through torch.compile.
     """
@@ -106,6 +112,8 @@ def fit_stacked(
                 with autocast(device):
                     logits = stacked_forward(p_sub, b_sub, xs)
                 losses = vmap(loss)(logits.float(), ts)
+                if penalty is not None:
+                    losses = losses + penalty(p_sub, members)
                 losses.sum().backward()
                 if not whole:
                     for n, v in buffers.items():

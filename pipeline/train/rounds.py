@@ -1,0 +1,114 @@
+"""Federated rounds on the engine: each round trains the sampled clients from the global model
+(pipeline.train.engine.train_models, stacked when it can) and combines them
+(pipeline.train.combine.combine, with any registered merger as the aggregator), then the server
+takes its step.
+
+Everything a round draws follows (seed, round): the clients sampled, and through the caller's
+``recipe_for`` and ``generator_for`` each client's mixing and batch order. So a run resumed from
+the RoundState a finished round returned continues exactly as an uninterrupted run would
+(tested), which lets a stage checkpoint every round.
+
+The server step is FedAvgM's (Hsu, Qi & Brown 2019, "Measuring the Effects of Non-Identical
+Data Distribution for Federated Visual Classification"): with the pseudo-gradient
+delta = w_global - w_aggregated, v <- momentum * v + delta and w_global <- w_global - lr * v.
+lr = 1 and momentum = 0 (the defaults) give plain FedAvg: the aggregate becomes the global model.
+Buffers (BatchNorm statistics, counters) are taken from the aggregate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.methods.federated import CLIENT_ALGORITHMS
+from pipeline.train.combine import combine
+from pipeline.train.data_path import BatchSource
+from pipeline.train.engine import Recipe, train_models
+from pipeline.train.loop import Schedule
+from pipeline.train.stacked import StateDict
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What the next round needs: the global model and the server's momentum buffer."""
+
+    round: int  # rounds finished
+    global_state: StateDict
+    server_buffer: StateDict  # empty until the first round with momentum > 0
+
+
+@dataclass(frozen=True)
+class Federation:
+    """A federation's fixed settings (the per-round randomness comes from ``seed``)."""
+
+    client_algorithm: str = "fedavg"
+    client_options: dict | None = None
+    aggregator: str = "fedavg"
+    aggregator_options: dict | None = None
+    sample_fraction: float = 1.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    seed: int = 0
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, round_: int) -> list[int]:
+    """The round's clients: max(1, int(fraction * K)) of them without replacement, drawn from
+    a generator seeded by (seed, round) (the authors' code reseeds per round as well), sorted."""
+    m = max(1, int(fraction * num_clients))
+    return sorted(np.random.default_rng([seed, round_]).choice(num_clients, m, replace=False).tolist())
+
+
+def server_step(global_state: StateDict, aggregated: StateDict, buffer: StateDict, lr: float,
+                momentum: float, learned: set[str]) -> tuple[StateDict, StateDict]:
+    """FedAvgM's update on the learned tensors; buffers come from the aggregate."""
+    new_global, new_buffer = {}, {}
+    for name, agg in aggregated.items():
+        if name not in learned:
+            new_global[name] = agg.clone()
+            continue
+        delta = global_state[name].float() - agg.float()
+        v = delta if name not in buffer else momentum * buffer[name] + delta
+        if momentum:
+            new_buffer[name] = v
+        new_global[name] = (global_state[name].float() - lr * v).to(agg.dtype)
+    return new_global, new_buffer
+
+
+def run_round(
+    model: nn.Module,
+    state: RoundState,
+    sources: list[BatchSource],
+    sizes: list[int],
+    recipe_for: Callable[[int, int], Recipe],
+    generator_for: Callable[[int, int], torch.Generator],
+    schedule: Schedule,
+    federation: Federation,
+    device: torch.device,
+    *,
+    data_for: Callable[[list[int]], object] | None = None,
+) -> tuple[RoundState, list[int], list[StateDict]]:
+    """One round: sample, train the sampled clients from the global model, aggregate (weights
+    by client data size, as FedAvg), server step. Returns the new state, the sampled clients
+    and their trained states. ``recipe_for(client, round)`` and ``generator_for(client, round)``
+    give each client's recipe and batch-order generator for this round; ``data_for(sampled)``
+    gives a data-aware aggregator its MergeData."""
+    round_ = state.round
+    sampled = sample_clients(len(sources), federation.sample_fraction, federation.seed, round_)
+    learned = {n for n, _ in model.named_parameters()}
+    global_params = {n: t for n, t in state.global_state.items() if n in learned}
+    penalty = CLIENT_ALGORITHMS[federation.client_algorithm](global_params, **(federation.client_options or {}))
+    clients, _ = train_models(
+        model, [state.global_state] * len(sampled), [sources[i] for i in sampled],
+        [recipe_for(i, round_) for i in sampled], schedule, [generator_for(i, round_) for i in sampled], device,
+        penalty=penalty,
+    )
+    weights = torch.tensor([float(sizes[i]) for i in sampled])
+    aggregated = combine(federation.aggregator, clients, state.global_state, weights / weights.sum(),
+                         federation.aggregator_options, data=None if data_for is None else data_for(sampled),
+                         seed=federation.seed * 100_003 + round_)
+    new_global, buffer = server_step(state.global_state, aggregated, state.server_buffer, federation.server_lr,
+                                     federation.server_momentum, learned)
+    return RoundState(round_ + 1, new_global, buffer), sampled, clients
