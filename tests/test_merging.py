@@ -405,6 +405,22 @@ def test_pcb_equals_the_release_on_random_task_vectors(density):
     assert pcb_combine(deltas, density).tolist() == pytest.approx(expected, rel=1e-5, abs=1e-12)  # float32
 
 
+def test_pcb_blockwise_equals_the_release_on_a_large_tensor():
+    """Over many column blocks (and the topk/kthvalue selects), pcb_combine must still equal the
+    release's steps done on the whole (K, n) matrix with sorts, as PCB_merge does them."""
+    deltas = torch.randn(3, 300_000, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1e-3
+    k, n, density, r = 3, 300_000, 0.3, 1e-4
+    mag = deltas.abs()
+    s = mag.sort(dim=1).values
+    mag = torch.minimum(torch.maximum(mag, s[:, int(n * r)].unsqueeze(1)), s[:, int(n * (1 - r) - 1)].unsqueeze(1))
+    norm = lambda m: (m - m.amin(1, keepdim=True)) / (m.amax(1, keepdim=True) - m.amin(1, keepdim=True))  # noqa: E731
+    score = torch.exp(k * norm(mag) ** 2) * torch.tanh(deltas * deltas.sum(0))
+    thr = score.sort(dim=1).values[:, int(n * (1 - density))].unsqueeze(1)
+    scale = norm(torch.maximum(score, thr))
+    expected = (deltas.sign() * mag * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+    assert torch.allclose(pcb_combine(deltas, density).double(), expected, rtol=1e-4, atol=1e-9)
+
+
 def test_weight_matching_undoes_a_random_permutation_of_hidden_units():
     reference = state(1)
     spec = small_cnn_spec(reference)

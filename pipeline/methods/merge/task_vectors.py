@@ -133,15 +133,15 @@ def breadcrumbs(
         experts, base, lambda _, d: scale * (d * breadcrumbs_mask(d, density, outliers)).sum(0))
 
 
-def _row_order_statistic(rows: torch.Tensor, index: int) -> torch.Tensor:
-    """Per row of (K, n): the value at 0-based ``index`` of the row sorted ascending, as (K, 1)."""
+def _smallest(rows: torch.Tensor, index: int) -> torch.Tensor:
+    """Per row of (K, n): the value at 0-based ``index`` of the row sorted ascending, as (K, 1).
+    Near either end a small topk finds it (the outlier clamp's cuts); elsewhere kthvalue."""
+    n = rows.shape[1]
+    if index < 4096:
+        return rows.topk(index + 1, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+    if n - index <= 4096:
+        return rows.topk(n - index, dim=1, sorted=False).values.amin(1, keepdim=True)
     return rows.kthvalue(index + 1, dim=1, keepdim=True).values
-
-
-def _row_minmax(rows: torch.Tensor) -> torch.Tensor:
-    """(x - min) / (max - min) per row; 0 where a row is constant (the release divides by 0)."""
-    lo, hi = rows.aminmax(dim=1, keepdim=True)
-    return (rows - lo) / (hi - lo).clamp(min=1e-30)
 
 
 def pcb_combine(deltas: torch.Tensor, density: float, outliers: float = 1e-4) -> torch.Tensor:
@@ -158,19 +158,35 @@ def pcb_combine(deltas: torch.Tensor, density: float, outliers: float = 1e-4) ->
        int(n (1 - density)) (by the signed score, not its magnitude), rescaled to (0, 1] by
        (score - that value) / (max - that value), the rest 0;
     5. the merge is sum_k scale_k * clamped_k / max(sum_k scale_k, 1e-12).
+
+    Column block by column block (as ties_combine), so that no temporary of the stack's size
+    but the scores is built. The clamp's bounds are order statistics of the row, so they are the
+    clamped row's own minimum and maximum (step 2's minmax), and the kept-score threshold is the
+    clamped scores' minimum (step 4's). Constant rows give 0 where the release divides by 0.
     """
     k = deltas.shape[0]
     flat = deltas.reshape(k, -1).float()
     n = flat.shape[1]
     magnitude = flat.abs()
-    lo = _row_order_statistic(magnitude, int(n * outliers))
-    hi = _row_order_statistic(magnitude, max(int(n * (1 - outliers)) - 1, 0))
-    magnitude = torch.minimum(torch.maximum(magnitude, lo), hi)
-    clamped = flat.sign() * magnitude
-    score = torch.exp(k * _row_minmax(magnitude) ** 2) * torch.tanh(flat * flat.sum(0, keepdim=True))
-    threshold = _row_order_statistic(score, min(int(n * (1 - density)), n - 1))
-    scale = _row_minmax(torch.maximum(score, threshold))
-    return ((clamped * scale).sum(0) / scale.sum(0).clamp(min=1e-12)).reshape(deltas.shape[1:])
+    lo = _smallest(magnitude, int(n * outliers))
+    hi = _smallest(magnitude, max(int(n * (1 - outliers)) - 1, 0))
+    del magnitude
+    span = (hi - lo).clamp(min=1e-30)
+    score = torch.empty_like(flat)
+    for start in range(0, n, BLOCK):
+        block = flat[:, start:start + BLOCK]
+        consensus = block.sum(0, keepdim=True)
+        intra = ((block.abs().clamp_(lo, hi) - lo) / span).square_().mul_(k).exp_()
+        torch.mul(intra, (block * consensus).tanh_(), out=score[:, start:start + BLOCK])
+    threshold = _smallest(score, min(int(n * (1 - density)), n - 1))
+    score_span = (score.amax(1, keepdim=True) - threshold).clamp(min=1e-30)
+    merged = torch.empty(n, device=flat.device)
+    for start in range(0, n, BLOCK):
+        block = flat[:, start:start + BLOCK]
+        scale = (score[:, start:start + BLOCK].clamp(min=threshold) - threshold).div_(score_span)
+        clamped = block.abs().clamp_(lo, hi).mul_(block.sign())
+        torch.div((clamped * scale).sum(0), scale.sum(0).clamp_(min=1e-12), out=merged[start:start + BLOCK])
+    return merged.reshape(deltas.shape[1:])
 
 
 @MERGERS.register("pcb")
