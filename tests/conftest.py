@@ -24,6 +24,14 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+def forget_mlflow_tracking_uri() -> None:
+    """After stages ran in the test process: their Tracker set MLflow's global tracking URI
+    (and MLFLOW_TRACKING_URI), which later tests would otherwise inherit."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
 def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
 

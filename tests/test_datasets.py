@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from pipeline.io.datasets import DATASETS, DataError
 from pipeline.prepare import split
-from tests.conftest import REPO, set_key
+from tests.conftest import REPO, forget_mlflow_tracking_uri, set_key
 from tests.dataset_files import WRITERS, write_cifar10, write_mnist, write_svhn
 
 
@@ -112,6 +112,7 @@ def tracking(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MIXMERGE_PARENT_RUN_ID", raising=False)
         yield uri
+        forget_mlflow_tracking_uri()
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))

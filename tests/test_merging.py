@@ -499,13 +499,13 @@ def test_combine_hands_base_seed_to_the_mergers_that_draw():
         combine("fisher", experts, base, WEIGHTS)
 
 
-def test_the_merge_stage_draws_dare_masks_from_base_seed(tmp_path, monkeypatch):
+def test_the_merge_stage_draws_dare_masks_from_base_seed(tmp_path, monkeypatch, request):
     """Through the stage: the same experts merged under two values of base.seed give two DARE
     merges; the same seed gives the same bytes."""
     import yaml
 
     from pipeline import merge, mix_train, prepare, pretrain
-    from tests.conftest import REPO, set_key
+    from tests.conftest import REPO, forget_mlflow_tracking_uri, set_key
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in {"base.shards": [0, 1], "pretrain.epochs": 1, "pretrain.width": 4, "mix_train.epochs": 1,
@@ -515,6 +515,7 @@ def test_the_merge_stage_draws_dare_masks_from_base_seed(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    request.addfinalizer(forget_mlflow_tracking_uri)
     for stage, argv in ((prepare, []), (pretrain, []), (mix_train, ["--shard", "0", "1"])):
         stage.main(argv)
 
