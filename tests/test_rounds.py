@@ -139,3 +139,29 @@ def test_rounds_resumed_from_a_saved_state_end_as_an_uninterrupted_run(tmp_path)
     assert resumed.round == straight.round == 3
     assert all(torch.equal(resumed.global_state[n], straight.global_state[n]) for n in straight.global_state)
     assert not torch.equal(straight.global_state["classifier.weight"], two.global_state["classifier.weight"])
+
+
+def test_not_true_distillation_as_the_authors_ntd_loss_computes_it():
+    """Worked from Lee-Gihun/FedNTD (algorithms/fedntd/criterion.py NTD_Loss._ntd_loss and
+    utils.refine_as_not_true): drop the true class by gathering the other positions, then
+    KLDivLoss(batchmean)(log_softmax(local / tau), softmax(global / tau))."""
+    import math
+
+    from pipeline.methods.federated.losses import not_true_distillation
+
+    g = torch.Generator().manual_seed(0)
+    logits, global_logits = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    targets = torch.tensor([0, 3, 1, 1, 2])
+    tau = 3.0
+    total = 0.0
+    for i in range(5):
+        others = [c for c in range(4) if c != targets[i]]
+        zl = [logits[i, c].item() / tau for c in others]
+        zg = [global_logits[i, c].item() / tau for c in others]
+        log_q = [z - math.log(sum(math.exp(v) for v in zl)) for z in zl]
+        p = [math.exp(z) / sum(math.exp(v) for v in zg) for z in zg]
+        total += sum(pi * (math.log(pi) - lq) for pi, lq in zip(p, log_q))
+    got = not_true_distillation(logits.requires_grad_(), global_logits, targets, tau)
+    assert got.item() == pytest.approx(total / 5, rel=1e-5)
+    got.backward()
+    assert logits.grad[torch.arange(5), targets].abs().max() == 0, "the true class gets no distillation gradient"
