@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.evaluation.compare import Protocol, Splits, choose_pairs, compare
-from pipeline.evaluation.probes import fixed_subset
+from pipeline.evaluation.subsets import fixed_subset
 from pipeline.evaluation.table import format_table
 from pipeline.io import layout, plots
 from pipeline.io.checkpoints import write_csv, write_json

@@ -16,7 +16,8 @@ from pipeline.io.checkpoints import md5, save_tensors, write_csv, write_json
 from pipeline.evaluation.metrics import accuracy
 from pipeline.nn.models import build, channels_last
 from pipeline.methods.pretrain.objectives import OBJECTIVES
-from pipeline.evaluation.probes import fixed_subset, probe_scores
+from pipeline.evaluation.probes import probe_scores
+from pipeline.evaluation.subsets import fixed_subset
 from pipeline.runtime.progress import Progress
 from pipeline.train.data_path import BatchSource
 from pipeline.io.stage_io import architecture, load_prepared, source

@@ -90,7 +90,7 @@ def test_device_knn_votes_as_scikit_learns_cosine_knn():
 
 
 def test_fixed_subsets_are_seeded_sorted_and_whole_when_small():
-    from pipeline.evaluation.probes import fixed_subset
+    from pipeline.evaluation.subsets import fixed_subset
 
     assert fixed_subset(10, 50, 0).tolist() == list(range(10))
     a, b, c = fixed_subset(1000, 100, 1), fixed_subset(1000, 100, 1), fixed_subset(1000, 100, 2)

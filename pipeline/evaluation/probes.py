@@ -54,10 +54,3 @@ def probe_scores(model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.T
     ye = y_eval.cpu().numpy()
     return {"probe_accuracy": float((probe.predict(evaluated.cpu().numpy()) == ye).mean()),
             "knn_accuracy": float((knn.cpu().numpy() == ye).mean())}
-
-
-def fixed_subset(n: int, size: int, seed: int) -> torch.Tensor:
-    """Sorted indices of a seeded random subset of ``size`` of ``n`` items (all when n <= size)."""
-    if n <= size:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values

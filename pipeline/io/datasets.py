@@ -50,12 +50,9 @@ def _require_root(root: str | None, name: str) -> Path:
     return Path(root)
 
 
-def _to_images(data, targets, channels_last: bool) -> Images:
-    x = torch.as_tensor(np.asarray(data))
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    elif channels_last:
-        x = x.permute(0, 3, 1, 2)
+def _to_images(data, targets) -> Images:
+    """Greyscale uint8 images (N, H, W) and their labels as an Images."""
+    x = torch.as_tensor(np.asarray(data)).unsqueeze(1)
     return Images(x.contiguous().float() / 255.0, torch.as_tensor(np.asarray(targets), dtype=torch.int64))
 
 
@@ -79,7 +76,7 @@ def _mnist_like(cls_name: str):
             tr, te = cls(str(path), train=True, download=download), cls(str(path), train=False, download=download)
         except (RuntimeError, OSError, ValueError) as e:
             raise DataError(f"prepare.root = {str(path)!r}: cannot read {cls_name} ({e})") from None
-        return RawDataset(_to_images(tr.data, tr.targets, False), _to_images(te.data, te.targets, False),
+        return RawDataset(_to_images(tr.data, tr.targets), _to_images(te.data, te.targets),
                           [str(c) for c in tr.classes])
 
     load.__doc__ = f"{cls_name} from its IDX files under root/{cls_name}/raw (torchvision's layout)."

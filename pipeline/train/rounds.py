@@ -54,11 +54,18 @@ class Federation:
     seed: int = 0
 
 
+def round_seed(seed: int, round_: int) -> int:
+    """One integer seed per (seed, round), for what a round draws outside the clients
+    (the client sample, a randomised aggregator's masks)."""
+    return int(np.random.SeedSequence([seed, round_]).generate_state(1)[0])
+
+
 def sample_clients(num_clients: int, fraction: float, seed: int, round_: int) -> list[int]:
     """The round's clients: max(1, int(fraction * K)) of them without replacement, drawn from
     a generator seeded by (seed, round) (the authors' code reseeds per round as well), sorted."""
     m = max(1, int(fraction * num_clients))
-    return sorted(np.random.default_rng([seed, round_]).choice(num_clients, m, replace=False).tolist())
+    rng = np.random.default_rng(round_seed(seed, round_))
+    return sorted(rng.choice(num_clients, m, replace=False).tolist())
 
 
 def server_step(global_state: StateDict, aggregated: StateDict, buffer: StateDict, lr: float,
@@ -108,7 +115,7 @@ def run_round(
     weights = torch.tensor([float(sizes[i]) for i in sampled])
     aggregated = combine(federation.aggregator, clients, state.global_state, weights / weights.sum(),
                          federation.aggregator_options, data=None if data_for is None else data_for(sampled),
-                         seed=federation.seed * 100_003 + round_)
+                         seed=round_seed(federation.seed, round_))
     new_global, buffer = server_step(state.global_state, aggregated, state.server_buffer, federation.server_lr,
                                      federation.server_momentum, learned)
     return RoundState(round_ + 1, new_global, buffer), sampled, clients
