@@ -20,7 +20,8 @@ from torch import nn
 from pipeline.nn.models import channels_last
 from pipeline.train.data_path import BatchSource
 from pipeline.train.loop import Schedule, fit
-from pipeline.train.stacked import Penalty, StateDict, fit_stacked
+from pipeline.methods.federated.clients import LocalTerms
+from pipeline.train.stacked import FeaturesAndLogits, StateDict, client_losses, fit_stacked, prefixed
 
 
 class Recipe(Protocol):
@@ -58,15 +59,16 @@ def train_models(
     stack: bool | None = None,
     on_epoch: EpochCallback | None = None,
     compile: bool = False,
-    penalty: Penalty | None = None,
+    terms: LocalTerms | None = None,
 ) -> tuple[list[StateDict], list[list[float]]]:
     """Train K models; returns their final state dicts and per-epoch mean losses.
 
     ``model`` supplies the architecture (its weights are overwritten); ``generators[i]`` draws
     model i's batch order. ``stack``: None decides by ``can_stack``, False forces one after
     another, True insists on stacking (a ValueError when the recipes cannot be stacked).
-    ``penalty`` adds a parameter-space term to each model's loss (pipeline.train.stacked.Penalty:
-    a client algorithm's proximal or linear term), the same on either path."""
+    ``terms`` (a client algorithm's LocalTerms: parameter-space penalties, output-space terms,
+    a weight perturbation) join each model's loss, the same on either path (model i is
+    member i)."""
     if not (len(inits) == len(sources) == len(recipes) == len(generators)):
         raise ValueError("train_models needs one start state, data source, recipe and generator per model")
     stacked = can_stack(recipes) if stack is None else stack
@@ -77,13 +79,13 @@ def train_models(
             model, inits, sources, lambda i, x, y: recipes[i].batch(x, y), recipes[0].loss, schedule,
             generators, device,
             on_epoch=None if on_epoch is None else lambda e, losses: on_epoch(e, dict(enumerate(losses))),
-            compile=compile, penalty=penalty,
+            compile=compile, terms=terms,
         )
     states, histories = [], []
     for i, (init, source, recipe, g) in enumerate(zip(inits, sources, recipes, generators)):
         state, history = _train_one(model, init, source, recipe, schedule, g, device, compile,
                                     None if on_epoch is None else lambda e, loss, i=i: on_epoch(e, {i: loss}),
-                                    None if penalty is None else lambda params, i=i: penalty(params, [i])[0])
+                                    terms, i)
         states.append(state)
         histories.append(history)
     return states, histories
@@ -92,7 +94,7 @@ def train_models(
 def _train_one(model: nn.Module, init: StateDict, source: BatchSource, recipe: Recipe, schedule: Schedule,
                g: torch.Generator, device: torch.device, compile: bool,
                on_epoch: Callable[[int, float], None] | None,
-               penalty: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+               terms: LocalTerms | None = None, member: int = 0,
                ) -> tuple[StateDict, list[float]]:
     """One model with torch's own optimiser and scheduler (loop.fit)."""
     model.load_state_dict(init)
@@ -102,10 +104,20 @@ def _train_one(model: nn.Module, init: StateDict, source: BatchSource, recipe: R
 
     def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         inputs, targets = recipe.batch(xb, yb)
-        loss = recipe.loss(forward(inputs), targets)
-        if penalty is not None:  # the stacked path's penalty, on a stack of one model
-            loss = loss + penalty({n: p.unsqueeze(0) for n, p in model.named_parameters()})
-        return loss
+        if terms is None or terms.empty:
+            return recipe.loss(forward(inputs), targets)
+        # a client algorithm's terms: the stacked path's arithmetic on a stack of one model
+        wrapped = FeaturesAndLogits(model)
+
+        def one(p: StateDict, b: StateDict, x: torch.Tensor):
+            f, z = torch.func.functional_call(wrapped, (prefixed({n: t[0] for n, t in p.items()}),
+                                                        prefixed({n: t[0] for n, t in b.items()})), (x[0],))
+            return f.unsqueeze(0), z.unsqueeze(0)
+
+        params = {n: p.unsqueeze(0) for n, p in model.named_parameters()}
+        buffers = {n: b.unsqueeze(0) for n, b in model.named_buffers()}  # views: updates reach the model
+        return client_losses(one, params, buffers, inputs.unsqueeze(0), targets.unsqueeze(0), recipe.loss,
+                             terms, [member])[0]
 
     hooks = recipe.attach(model)
     try:

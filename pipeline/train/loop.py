@@ -21,6 +21,17 @@ class Schedule:
     lr: float
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    cosine: bool = True  # cosine learning rate over the run; False: constant (federated rounds)
+    nesterov: bool = True  # with momentum; federated clients use heavy ball, as their authors' SGD
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: Schedule, n: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule's learning rate per step for a run over ``n`` samples: torch's own
+    CosineAnnealingLR, or a constant rate."""
+    if schedule.cosine:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=schedule.epochs * steps_per_epoch(n, schedule.batch_size))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
 def batches(n: int, batch_size: int, g: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
@@ -47,18 +58,18 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """SGD with Nesterov momentum and a per-step cosine learning rate.
+    """SGD with (Nesterov) momentum and a per-step cosine (or constant) learning rate.
 
     ``loss_fn(x_batch, y_batch) -> scalar loss``. Returns the mean loss of each epoch; the
     running sum stays on the device and is read once per epoch (no per-step sync).
     """
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.SGD(
-        params, lr=schedule.lr, momentum=schedule.momentum, nesterov=schedule.momentum > 0,
+        params, lr=schedule.lr, momentum=schedule.momentum, nesterov=schedule.nesterov and schedule.momentum > 0,
         weight_decay=schedule.weight_decay,
     )
     n = len(source)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=schedule.epochs * steps_per_epoch(n, schedule.batch_size))
+    sched = lr_scheduler(opt, schedule, n)
     history = []
     for epoch in range(1, schedule.epochs + 1):
         total, count = torch.zeros((), device=device), 0

@@ -16,7 +16,7 @@ Buffers (BatchNorm statistics, counters) are taken from the aggregate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -27,17 +27,21 @@ from pipeline.methods.federated import CLIENT_ALGORITHMS
 from pipeline.train.combine import combine
 from pipeline.train.data_path import BatchSource
 from pipeline.train.engine import Recipe, train_models
-from pipeline.train.loop import Schedule
+from pipeline.train.loop import Schedule, steps_per_epoch
 from pipeline.train.stacked import StateDict
 
 
 @dataclass(frozen=True)
 class RoundState:
-    """What the next round needs: the global model and the server's momentum buffer."""
+    """What the next round needs. Every random draw of a round follows (seed, round, client),
+    so the round number is the whole random state: a run resumed from a saved RoundState
+    draws what the uninterrupted run would have drawn."""
 
     round: int  # rounds finished
     global_state: StateDict
-    server_buffer: StateDict  # empty until the first round with momentum > 0
+    server_buffer: StateDict = field(default_factory=dict)  # FedAvgM's momentum (empty without it)
+    server_state: StateDict = field(default_factory=dict)  # the client algorithm's (SCAFFOLD's c, FedDyn's h)
+    client_states: dict[int, StateDict] = field(default_factory=dict)  # per client, kept across rounds
 
 
 @dataclass(frozen=True)
@@ -96,26 +100,76 @@ def run_round(
     device: torch.device,
     *,
     data_for: Callable[[list[int]], object] | None = None,
+    stack: bool | None = None,
 ) -> tuple[RoundState, list[int], list[StateDict]]:
-    """One round: sample, train the sampled clients from the global model, aggregate (weights
-    by client data size, as FedAvg), server step. Returns the new state, the sampled clients
-    and their trained states. ``recipe_for(client, round)`` and ``generator_for(client, round)``
-    give each client's recipe and batch-order generator for this round; ``data_for(sampled)``
-    gives a data-aware aggregator its MergeData."""
+    """One round: sample, train the sampled clients from the global model with the client
+    algorithm's terms, update the clients' states, aggregate (weights by client data size, as
+    FedAvg), let the algorithm correct the aggregate, take the server step. Returns the new
+    state, the sampled clients and their trained states. ``recipe_for(client, round)`` and
+    ``generator_for(client, round)`` give each client's recipe and batch-order generator for
+    this round; ``data_for(sampled)`` gives a data-aware aggregator its MergeData."""
     round_ = state.round
+    algorithm = CLIENT_ALGORITHMS[federation.client_algorithm](**(federation.client_options or {}))
     sampled = sample_clients(len(sources), federation.sample_fraction, federation.seed, round_)
-    learned = {n for n, _ in model.named_parameters()}
-    global_params = {n: t for n, t in state.global_state.items() if n in learned}
-    penalty = CLIENT_ALGORITHMS[federation.client_algorithm](global_params, **(federation.client_options or {}))
+    learned = [n for n, _ in model.named_parameters()]
+    global_params = {n: state.global_state[n] for n in learned}
+    old_states = [state.client_states.get(i, {}) for i in sampled]
+    terms = algorithm.local_terms(global_params, old_states, state.server_state)
     clients, _ = train_models(
         model, [state.global_state] * len(sampled), [sources[i] for i in sampled],
         [recipe_for(i, round_) for i in sampled], schedule, [generator_for(i, round_) for i in sampled], device,
-        penalty=penalty,
+        terms=None if terms.empty else terms, stack=stack,
     )
+    new_states = [
+        algorithm.client_state_after(old, global_params, trained, schedule.epochs * steps_per_epoch(sizes[i], schedule.batch_size),
+                                     schedule.lr, schedule.momentum, state.server_state)
+        for i, old, trained in zip(sampled, old_states, clients)
+    ]
     weights = torch.tensor([float(sizes[i]) for i in sampled])
     aggregated = combine(federation.aggregator, clients, state.global_state, weights / weights.sum(),
                          federation.aggregator_options, data=None if data_for is None else data_for(sampled),
                          seed=round_seed(federation.seed, round_))
+    corrected, server_state = algorithm.server_update(
+        {n: aggregated[n] for n in learned}, global_params, clients, old_states, new_states, len(sources),
+        state.server_state)
+    aggregated = {**aggregated, **corrected}
     new_global, buffer = server_step(state.global_state, aggregated, state.server_buffer, federation.server_lr,
-                                     federation.server_momentum, learned)
-    return RoundState(round_ + 1, new_global, buffer), sampled, clients
+                                     federation.server_momentum, set(learned))
+    client_states = dict(state.client_states)
+    client_states.update({i: s for i, s in zip(sampled, new_states) if s})
+    return RoundState(round_ + 1, new_global, buffer, server_state, client_states), sampled, clients
+
+
+def gossip(states: list[StateDict], mixing: torch.Tensor) -> list[StateDict]:
+    """One gossip step: node i becomes sum_j W_ij state_j, every floating tensor at once on the
+    stacked states (one matmul per tensor); integer buffers (BatchNorm's counters) stay each
+    node's own."""
+    out = [dict(s) for s in states]
+    for name, ref in states[0].items():
+        if not ref.is_floating_point():
+            continue
+        stacked = torch.stack([s[name] for s in states]).flatten(1)
+        mixed = (mixing.to(stacked) @ stacked).view(len(states), *ref.shape)
+        for i in range(len(states)):
+            out[i][name] = mixed[i]
+    return out
+
+
+def run_decentralised_round(
+    model: nn.Module,
+    nodes: list[StateDict],
+    round_: int,
+    sources: list[BatchSource],
+    recipe_for: Callable[[int, int], Recipe],
+    generator_for: Callable[[int, int], torch.Generator],
+    schedule: Schedule,
+    mixing: torch.Tensor,
+    device: torch.device,
+    *,
+    stack: bool | None = None,
+) -> list[StateDict]:
+    """Decentralised learning, one round: every node trains from its own state on its own
+    shard (stacked), then one gossip step with the round's K x K mixing matrix."""
+    trained, _ = train_models(model, nodes, sources, [recipe_for(i, round_) for i in range(len(nodes))], schedule,
+                              [generator_for(i, round_) for i in range(len(nodes))], device, stack=stack)
+    return gossip(trained, mixing)

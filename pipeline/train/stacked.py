@@ -18,7 +18,7 @@ The optimiser step is written here, not torch.optim.SGD: a stacked parameter hol
 and SGD cannot give its rows different learning rates or skip the rows of experts that
 have no batch at this step. The update is SGD's own (PyTorch's formula, in its order):
     g += weight_decay * p;  buf = momentum * buf + g  (buf = g at the first step);
-    g = g + momentum * buf (Nesterov) or buf;  p -= lr * g
+    g = g + momentum * buf (Nesterov, the default) or buf (heavy ball);  p -= lr * g
 """
 from __future__ import annotations
 
@@ -28,25 +28,68 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from pipeline.methods.federated.clients import LocalTerms
 from pipeline.train.data_path import BatchSource
 from pipeline.nn.inference import autocast
-from pipeline.train.loop import Schedule, batches, steps_per_epoch
+from pipeline.train.loop import Schedule, batches, lr_scheduler, steps_per_epoch
 
 StateDict = dict[str, torch.Tensor]
-# A parameter-space loss term per model (FedProx's proximal term, SCAFFOLD's and FedDyn's linear
-# terms): penalty(params, members) -> (len(members),), where params[name] stacks the parameters
-# of the models ``members`` (their indices among the K) on a leading axis. Computed outside vmap.
-Penalty = Callable[[dict[str, torch.Tensor], list[int]], torch.Tensor]
+# forward(params, buffers, inputs) -> (features, logits) for models stacked on a leading axis;
+# in train mode it updates ``buffers`` (BatchNorm's running statistics) in place.
+StackedForward = Callable[[StateDict, StateDict, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class FeaturesAndLogits(nn.Module):
+    """``model`` answering (features, logits): the same operations as its forward (every
+    architecture's forward is classifier(features(x))), so client algorithms that read the
+    representation (MOON) cost no second pass. Parameter names gain the prefix ``model.``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.features(x)
+        return features, self.model.classifier(features)
+
+
+def prefixed(tensors: StateDict) -> StateDict:
+    return {f"model.{n}": t for n, t in tensors.items()}
+
+
+def client_losses(forward: StackedForward, params: StateDict, buffers: StateDict, inputs: torch.Tensor,
+                  targets: torch.Tensor, loss: Callable, terms: LocalTerms | None, members: list[int]) -> torch.Tensor:
+    """Each model's loss on its batch, (m,): the recipe's loss plus the client algorithm's terms
+    (pipeline.methods.federated.LocalTerms). Both training paths call this, so they train
+    the same objective."""
+    if terms is not None and terms.perturbation is not None:
+        # FedSoL: the first pass (inside the perturbation) moves BatchNorm's statistics; the
+        # loss is taken at the perturbed weights on a copy, as the authors' SAM second pass.
+        e = terms.perturbation(lambda p, x: forward(p, buffers, x), params, inputs, targets, members)
+        features, logits = forward({n: p + e[n] for n, p in params.items()},
+                                   {n: b.clone() for n, b in buffers.items()}, inputs)
+    else:
+        features, logits = forward(params, buffers, inputs)
+    losses = vmap(loss)(logits.float(), targets)
+    if terms is None:
+        return losses
+    if terms.output_term is not None:
+        def reference(p: StateDict, x: torch.Tensor):
+            with torch.no_grad():
+                return forward(p, {n: b.clone() for n, b in buffers.items()}, x)
+
+        losses = losses + terms.output_term(reference, inputs, features.float(), logits.float(), targets, members)
+    if terms.penalty is not None:
+        losses = losses + terms.penalty(params, members)
+    return losses
 
 
 def _lr_schedules(k: int, schedule: Schedule, sizes: list[int]):
-    """torch's own CosineAnnealingLR per expert, on a placeholder optimiser, read each step."""
+    """torch's own learning-rate scheduler per expert, on a placeholder optimiser, read each step."""
     out = []
     for i in range(k):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=schedule.epochs * steps_per_epoch(sizes[i], schedule.batch_size))
-        out.append((opt, sched))
+        out.append((opt, lr_scheduler(opt, schedule, sizes[i])))
     return out
 
 
@@ -61,13 +104,13 @@ def fit_stacked(
     device: torch.device,
     on_epoch: Callable[[int, list[float]], None] | None = None,
     compile: bool = False,
-    penalty: Penalty | None = None,
+    terms: LocalTerms | None = None,
 ) -> tuple[list[StateDict], list[list[float]]]:
     """Fine-tune K experts from ``inits`` on ``data[k]`` (expert k's shard).
 
     ``prepare_batch(k, x, y) -> (inputs, targets)`` builds expert k's batch (mixing);
-    ``loss(logits, targets) -> scalar`` must be vmappable. ``penalty(params, members)``, if
-    given, adds a parameter-space term per model (see Penalty). ``model`` supplies the
+    ``loss(logits, targets) -> scalar`` must be vmappable. ``terms`` (a client algorithm's
+    LocalTerms), if given, join each model's loss (client_losses). ``model`` supplies the
     architecture only. Returns the K final state dicts and each expert's per-epoch mean loss.
     ``compile`` runs the vmapped forward through torch.compile.
     """
@@ -82,10 +125,16 @@ def fit_stacked(
     lrs = _lr_schedules(k_experts, schedule, sizes)
     stepped = [0] * k_experts  # steps taken by each expert (its momentum buffer exists after the first)
 
-    def forward(p, b, x):
-        return functional_call(model, (p, b), (x,))
+    wrapped = FeaturesAndLogits(model)
 
-    stacked_forward = torch.compile(vmap(forward)) if compile else vmap(forward)
+    def forward(p, b, x):
+        return functional_call(wrapped, (prefixed(p), prefixed(b)), (x,))
+
+    vmapped = torch.compile(vmap(forward)) if compile else vmap(forward)
+
+    def stacked_forward(p, b, x):
+        with autocast(device):
+            return vmapped(p, b, x)
 
     history: list[list[float]] = [[] for _ in range(k_experts)]
     for epoch in range(1, schedule.epochs + 1):
@@ -109,11 +158,7 @@ def fit_stacked(
                 rows = None if whole else torch.tensor(members, device=device)
                 p_sub = params if whole else {n: v[rows] for n, v in params.items()}
                 b_sub = buffers if whole else {n: v[rows].clone() for n, v in buffers.items()}
-                with autocast(device):
-                    logits = stacked_forward(p_sub, b_sub, xs)
-                losses = vmap(loss)(logits.float(), ts)
-                if penalty is not None:
-                    losses = losses + penalty(p_sub, members)
+                losses = client_losses(stacked_forward, p_sub, b_sub, xs, ts, loss, terms, members)
                 losses.sum().backward()
                 if not whole:
                     for n, v in buffers.items():
@@ -156,7 +201,7 @@ def _sgd_step(params, momentum_buf, active: list[int], lrs: list[float], has_buf
             started = torch.tensor(has_buf, device=rows.device).view(-1, *([1] * (p.ndim - 1)))
             new_buf = torch.where(started, buf[rows].mul(s.momentum).add(grad), grad)
             buf[rows] = new_buf
-            grad = grad.add(new_buf, alpha=s.momentum)  # Nesterov, as training.fit sets it
+            grad = grad.add(new_buf, alpha=s.momentum) if s.nesterov else new_buf
         p[rows] = p[rows] - lr.view(-1, *([1] * (p.ndim - 1))) * grad
 
 
@@ -168,5 +213,5 @@ def _sgd_step_all(params, momentum_buf, lr: torch.Tensor, s: Schedule) -> None:
         grad = p.grad.add(p, alpha=s.weight_decay) if s.weight_decay else p.grad
         if s.momentum:
             buf = momentum_buf[n].mul_(s.momentum).add_(grad)
-            grad = grad.add(buf, alpha=s.momentum)  # Nesterov, as training.fit sets it
+            grad = grad.add(buf, alpha=s.momentum) if s.nesterov else buf
         p.sub_(lr.view(-1, *([1] * (p.ndim - 1))) * grad)

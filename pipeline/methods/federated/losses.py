@@ -1,9 +1,4 @@
-"""Output-space terms of client algorithms: pure functions of a batch's logits.
-
-Not wired into the round engine yet (it takes parameter-space penalties only): the next step
-of the rounds work adds the global model's logits to the engine's loss, and FedNTD is then one
-registered client algorithm around this function.
-"""
+"""Output-space terms of client algorithms: pure functions of a batch's logits."""
 from __future__ import annotations
 
 import torch
@@ -30,3 +25,18 @@ def not_true_distillation(logits: torch.Tensor, global_logits: torch.Tensor, tar
     with torch.no_grad():
         target = F.softmax(not_true_logits(global_logits, targets) / tau, dim=1)
     return F.kl_div(local, target, reduction="batchmean")
+
+
+def not_true_distillation_stacked(logits: torch.Tensor, global_logits: torch.Tensor, soft_targets: torch.Tensor,
+                                  tau: float = 1.0) -> torch.Tensor:
+    """not_true_distillation for (m, B, C) logits of m clients at once -> (m,), with soft
+    (mixed) targets: the classes a sample's target gives any mass are its true classes (one
+    for a clean label, two for a MixUp or CutMix pair), dropped from both softmaxes by
+    masking. For one-hot targets this is exactly not_true_distillation (tested)."""
+    true = soft_targets > 0
+    masked = lambda z: (z / tau).masked_fill(true, float("-inf"))  # noqa: E731
+    local = masked(logits).log_softmax(-1)
+    with torch.no_grad():
+        target = masked(global_logits).softmax(-1)
+    terms = torch.where(true, torch.zeros_like(local), target * (target.clamp_min(1e-30).log() - local))
+    return terms.sum(-1).mean(-1)
