@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pipeline.methods.federated import CLIENT_ALGORITHMS
 from pipeline.methods.mix.recipe import MixRecipe
@@ -43,6 +45,10 @@ def params_of(state):
     return {n: t for n, t in state.items() if n in names}
 
 
+def stack_of(*states):
+    return {n: torch.stack([s[n] for s in states]).requires_grad_() for n in states[0]}
+
+
 def test_fedprox_term_as_the_authors_code_computes_it():
     """Worked from the FedNTD authors' FedProx client (Lee-Gihun/FedNTD,
     algorithms/fedprox/ClientTrainer.py, _proximal_term): 0.5 * mu * the squared norm of all
@@ -52,32 +58,172 @@ def test_fedprox_term_as_the_authors_code_computes_it():
     local = params_of(SmallCNN(1, 10, 4).state_dict())
     mu = 0.3
     expected = 0.5 * mu * torch.square(torch.cat([(local[n] - global_params[n]).view(-1, 1) for n in local])).sum()
-    penalty = CLIENT_ALGORITHMS["fedprox"](global_params, mu=mu)
-    stacked = {n: torch.stack([global_params[n], local[n]]).requires_grad_() for n in local}
+    penalty = CLIENT_ALGORITHMS["fedprox"](mu=mu).local_terms(global_params, [{}, {}], {}).penalty
+    stacked = stack_of(global_params, local)
     got = penalty(stacked, [0, 1])
     assert got[0].item() == 0.0 and got[1].item() == pytest.approx(expected.item(), rel=1e-5)
     got.sum().backward()  # its gradient is mu * (w - w_global)
     for n in local:
         assert torch.allclose(stacked[n].grad[1], mu * (local[n] - global_params[n]), atol=1e-6)
-    assert CLIENT_ALGORITHMS["fedavg"](global_params) is None
+    assert CLIENT_ALGORITHMS["fedavg"]().local_terms(global_params, [{}], {}).empty
 
 
-def test_a_penalty_trains_the_same_stacked_and_one_by_one():
+ALGORITHMS = [("fedavg", {}), ("fedprox", {"mu": 0.5}), ("scaffold", {}), ("feddyn", {}), ("fedntd", {}),
+              ("moon", {"mu": 1.0}), ("fedsol", {}), ("fedsol", {"adaptive": False, "rho": 0.2})]
+ROUND_SCHEDULE = Schedule(epochs=1, batch_size=16, lr=0.05, cosine=False, nesterov=False)
+
+
+@pytest.mark.parametrize("algorithm,options", ALGORITHMS, ids=[f"{a}{o}" for a, o in ALGORITHMS])
+def test_every_client_algorithm_trains_the_same_stacked_and_one_by_one(algorithm, options):
+    """Three rounds (3 of 4 clients each, uneven shards, client state carried over): the
+    stacked engine and the one-after-another loop end at the same global model."""
     init, data = start(), clients()
-    penalty = CLIENT_ALGORITHMS["fedprox"](params_of(init), mu=0.5)
+    fed = Federation(client_algorithm=algorithm, client_options=options, sample_fraction=0.75, seed=1)
+    ends = []
+    for stack in (True, False):
+        state = RoundState(0, init)
+        for _ in range(3):
+            state, _, _ = run_round(SmallCNN(1, 10, 4), state, data, SIZES, recipe_for, generator_for, ROUND_SCHEDULE,
+                                    fed, CPU, stack=stack)
+        ends.append(state)
+    a, b = ends
+    for n in a.global_state:
+        assert torch.allclose(a.global_state[n].float(), b.global_state[n].float(), atol=5e-6, rtol=1e-4), n
+    assert not torch.equal(a.global_state["classifier.weight"], init["classifier.weight"])
+    keeps_state = algorithm in ("scaffold", "feddyn", "moon")
+    assert bool(a.client_states) == keeps_state and len(a.client_states) == (4 if keeps_state else 0)
+    for i, s in a.client_states.items():
+        assert all(torch.allclose(s[k], b.client_states[i][k], atol=5e-6, rtol=1e-4) for k in s)
 
-    def train(stack, penalty):
-        return train_models(SmallCNN(1, 10, 4), [init] * 4, data, [recipe_for(i, 0) for i in range(4)], SCHEDULE,
-                            [generator_for(i, 0) for i in range(4)], CPU, stack=stack, penalty=penalty)
 
-    (a, a_hist), (b, b_hist) = train(True, penalty), train(False, penalty)
-    plain, _ = train(True, None)
-    for k in range(4):
-        assert a_hist[k] == pytest.approx(b_hist[k], rel=1e-4)
-        assert all(torch.allclose(a[k][n].float(), b[k][n].float(), atol=2e-5, rtol=1e-4) for n in a[k])
-        # the proximal term holds the client closer to the global model
-        drift = lambda s: sum((s[n] - init[n]).pow(2).sum() for n in params_of(init))  # noqa: E731
-        assert drift(a[k]) < drift(plain[k])
+def test_scaffold_as_the_authors_code_computes_it():
+    """Worked from Lee-Gihun/FedNTD algorithms/scaffold: each step's gradient gets - c_i + c
+    before the optimiser; c_i+ = c_i - c + (w_server - w_local) / (K' lr) with the adaptive
+    K' = (K - rho (1 - rho^K) / (1 - rho)) / (1 - rho); the server adds sample_ratio times the
+    mean of (c_i+ - c_i) to c."""
+    g = torch.Generator().manual_seed(2)
+    w_global = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)}
+    c = {"c.w": torch.randn(3, 2, generator=g), "c.b": torch.randn(3, generator=g)}
+    c_i = {"c.w": torch.randn(3, 2, generator=g), "c.b": torch.randn(3, generator=g)}
+    algo = CLIENT_ALGORITHMS["scaffold"]()
+    penalty = algo.local_terms(w_global, [c_i], c).penalty
+    local = {n: (t + 0.1).requires_grad_() for n, t in w_global.items()}
+    penalty({n: t.unsqueeze(0) for n, t in local.items()}, [0]).sum().backward()
+    for n in local:
+        assert torch.allclose(local[n].grad, c[f"c.{n}"] - c_i[f"c.{n}"])
+    trained = {n: t.detach() - 0.3 for n, t in w_global.items()}
+    steps, lr, rho = 7, 0.05, 0.9
+    new_k = (steps - rho * (1.0 - pow(rho, steps)) / (1.0 - rho)) / (1.0 - rho)
+    after = algo.client_state_after(c_i, w_global, trained, steps, lr, rho, c)
+    for n in w_global:
+        expected = c_i[f"c.{n}"] - c[f"c.{n}"] + (1.0 / (new_k * lr)) * (w_global[n] - trained[n])
+        assert torch.allclose(after[f"c.{n}"], expected, atol=1e-5)
+    plain = CLIENT_ALGORITHMS["scaffold"](adaptive_division=False).client_state_after(c_i, w_global, trained, steps,
+                                                                                      lr, rho, c)
+    assert torch.allclose(plain["c.b"], c_i["c.b"] - c["c.b"] + (w_global["b"] - trained["b"]) / (steps * lr), atol=1e-5)
+    # server: two of ten clients trained this round
+    other_old, other_new = {k: v * 0 for k, v in c_i.items()}, {k: v + 1 for k, v in c_i.items()}
+    _, server = algo.server_update({}, w_global, [trained, trained], [c_i, other_old], [after, other_new], 10, c)
+    for key in c:
+        mean_change = ((after[key] - c_i[key]) + (other_new[key] - other_old[key])) / 2
+        assert torch.allclose(server[key], c[key] + 0.2 * mean_change, atol=1e-6)
+
+
+def test_feddyn_as_the_authors_code_computes_it():
+    """Worked from Lee-Gihun/FedNTD algorithms/feddyn: loss - sum(prev_grads * w) + alpha/2
+    ||w_server - w||^2; prev_grads -= alpha (w_local - w_server); the server's h -= alpha/N
+    sum(w_i - w_server) and the global model is sum(p_i w_i) - h / alpha."""
+    g = torch.Generator().manual_seed(3)
+    alpha = 0.1
+    w_global = {"w": torch.randn(4, generator=g)}
+    grads = {"grad.w": torch.randn(4, generator=g)}
+    algo = CLIENT_ALGORITHMS["feddyn"](alpha=alpha)
+    local = torch.randn(4, generator=g)
+    got = algo.local_terms(w_global, [grads], {}).penalty({"w": local.unsqueeze(0)}, [0])
+    expected = -(grads["grad.w"] * local).sum() + 0.5 * alpha * (w_global["w"] - local).pow(2).sum()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    trained = [{"w": torch.randn(4, generator=g)} for _ in range(2)]
+    after = algo.client_state_after(grads, w_global, trained[0], 5, 0.01, 0.9, {})
+    assert torch.allclose(after["grad.w"], grads["grad.w"] - alpha * (trained[0]["w"] - w_global["w"]))
+    h0 = {"h.w": torch.randn(4, generator=g)}
+    prop = torch.tensor([0.3, 0.7])
+    average = {"w": prop[0] * trained[0]["w"] + prop[1] * trained[1]["w"]}
+    out, h = algo.server_update(average, w_global, trained, [{}, {}], [{}, {}], 20, h0)
+    h_expected = h0["h.w"].clone()
+    for t in trained:
+        h_expected -= (alpha / 20) * (t["w"] - w_global["w"])
+    assert torch.allclose(h["h.w"], h_expected, atol=1e-6)
+    assert torch.allclose(out["w"], average["w"] - h_expected / alpha, atol=1e-5)
+
+
+def test_moon_as_the_authors_criterion_computes_it():
+    """Worked from Lee-Gihun/FedNTD algorithms/moon/criterion.py: CE over [cos(z, z_g),
+    cos(z, z_prev)] / tau with label 0, batch mean, times mu."""
+    g = torch.Generator().manual_seed(4)
+    mu, tau = 0.7, 0.5
+    z, z_g, z_prev = (torch.randn(6, 5, generator=g) for _ in range(3))
+    pos, neg = F.cosine_similarity(z, z_g, dim=-1), F.cosine_similarity(z, z_prev, dim=-1)
+    expected = mu * F.cross_entropy(torch.stack([pos, neg], 1) / tau, torch.zeros(6, dtype=torch.long))
+    w_global, w_prev = {"g": torch.zeros(1)}, {"prev.g": torch.ones(1)}
+
+    def reference(params, x):  # the global model answers z_g, the previous local model z_prev
+        return (z_g if params["g"].flatten()[0] == 0 else z_prev).unsqueeze(0), None
+
+    term = CLIENT_ALGORITHMS["moon"](mu=mu, tau=tau).local_terms(w_global, [w_prev], {}).output_term
+    got = term(reference, torch.zeros(1, 6, 1), z.unsqueeze(0), None, None, [0])
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_fedsol_perturbation_as_the_authors_sam_computes_it(adaptive):
+    """Worked from Lee-Gihun/FedSOL (algorithms/fedsol_adaptive, fedsol_fixed): the gradient g
+    of KLDivLoss(batchmean)(log_softmax(logits / 3), softmax(global_logits / 3)), scale =
+    rho / (||g|| + 1e-12); the fixed variant perturbs by g * scale (SAM), the adaptive one by
+    F.normalize(|w - w_global|, 2, dim=0) * g * scale (their ExpSAM)."""
+    torch.manual_seed(5)
+    net, global_net = nn.Linear(6, 4), nn.Linear(6, 4)
+    x = torch.randn(8, 6)
+    rho = 0.4
+    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(net(x) / 3, 1), torch.softmax(global_net(x) / 3, 1).detach())
+    kl.backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    scale = rho / (torch.norm(torch.stack([g.norm(2) for g in grads.values()]), 2) + 1e-12)
+    expected = {}
+    for (n, p), (_, q) in zip(net.named_parameters(), global_net.named_parameters()):
+        weight = F.normalize((p - q).abs(), 2, dim=0) if adaptive else 1.0
+        expected[n] = (weight * grads[n] * scale).detach()
+
+    def forward(params, inputs):  # the Linear layer on a stack of parameter sets
+        logits = torch.einsum("mbi,moi->mbo", inputs, params["weight"]) + params["bias"].unsqueeze(1)
+        return None, logits
+
+    algo = CLIENT_ALGORITHMS["fedsol"](rho=rho, tau=3.0, adaptive=adaptive)
+    perturb = algo.local_terms({n: p.detach() for n, p in global_net.named_parameters()}, [{}], {}).perturbation
+    params = {n: p.detach().unsqueeze(0).requires_grad_() for n, p in net.named_parameters()}
+    got = perturb(forward, params, x.unsqueeze(0), None, [0])
+    for n in expected:
+        assert torch.allclose(got[n][0], expected[n], atol=1e-7, rtol=1e-5), n
+    # a client still at the global weights (its first step) is not perturbed
+    at_global = {n: p.detach().unsqueeze(0).requires_grad_() for n, p in global_net.named_parameters()}
+    assert all(v.abs().max() == 0 for v in perturb(forward, at_global, x.unsqueeze(0), None, [0]).values())
+
+
+def test_not_true_distillation_stacked_drops_every_true_class():
+    """One-hot targets: the stacked form equals the per-client NTD loss. A MixUp target with two
+    classes: both are dropped (their logits get no distillation gradient)."""
+    from pipeline.methods.federated.losses import not_true_distillation, not_true_distillation_stacked
+
+    g = torch.Generator().manual_seed(6)
+    logits, global_logits = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    labels = torch.randint(0, 4, (2, 5), generator=g)
+    got = not_true_distillation_stacked(logits, global_logits, F.one_hot(labels, 4).float(), 2.0)
+    for m in range(2):
+        assert got[m].item() == pytest.approx(not_true_distillation(logits[m], global_logits[m], labels[m], 2.0).item(),
+                                              rel=1e-5)
+    mixed = torch.tensor([[0.6, 0.4, 0.0, 0.0]]).expand(5, 4).unsqueeze(0)
+    z = logits[:1].clone().requires_grad_()
+    not_true_distillation_stacked(z, global_logits[:1], mixed, 1.0).sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad[..., :2].abs().max() == 0 and z.grad[..., 2:].abs().max() > 0
 
 
 def test_clients_are_sampled_per_round_from_the_seed():

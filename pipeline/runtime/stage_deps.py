@@ -40,6 +40,9 @@ def _imported(module: str, tree: ast.Module) -> set[str]:
         for fn in ast.walk(tree):
             if isinstance(fn, ast.FunctionDef):
                 skip |= {id(n) for n in ast.walk(fn) if isinstance(n, ast.ImportFrom)}
+    for block in ast.walk(tree):  # `if TYPE_CHECKING:` imports never run
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING":
+            skip |= {id(n) for n in ast.walk(block)}
     found = set()
     for node in ast.walk(tree):
         if id(node) in skip:

@@ -12,7 +12,7 @@ schedule and its own mixing draws, equal within float tolerance (tests/test_stac
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
@@ -20,8 +20,10 @@ from torch import nn
 from pipeline.nn.models import channels_last
 from pipeline.train.data_path import BatchSource
 from pipeline.train.loop import Schedule, fit
-from pipeline.methods.federated.clients import LocalTerms
 from pipeline.train.stacked import FeaturesAndLogits, StateDict, client_losses, fit_stacked, prefixed
+
+if TYPE_CHECKING:  # a type only: mix_train runs without the client algorithms
+    from pipeline.methods.federated.clients import LocalTerms
 
 
 class Recipe(Protocol):

@@ -22,16 +22,18 @@ have no batch at this step. The update is SGD's own (PyTorch's formula, in its o
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from pipeline.methods.federated.clients import LocalTerms
 from pipeline.train.data_path import BatchSource
 from pipeline.nn.inference import autocast
 from pipeline.train.loop import Schedule, batches, lr_scheduler, steps_per_epoch
+
+if TYPE_CHECKING:  # a type only: mix_train runs without the client algorithms
+    from pipeline.methods.federated.clients import LocalTerms
 
 StateDict = dict[str, torch.Tensor]
 # forward(params, buffers, inputs) -> (features, logits) for models stacked on a leading axis;
