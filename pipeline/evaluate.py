@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     candidates = [("pretrained", "pretrained", layout.PRETRAINED)]
     candidates += [(f"expert_{k}", "expert", layout.expert(k)) for k in base.shards]
     candidates += [(f.stem, "merged", f) for f in sorted(layout.MERGED.glob("*.safetensors"))]
+    candidates += [(f"fed_{f.stem}", "federated", f) for f in sorted(layout.FEDERATED.glob("*.safetensors"))]
     missing = [str(p) for _, _, p in candidates if not p.exists()]
     if missing:
         raise config.ConfigError(f"inputs missing (run the earlier stages): {', '.join(missing)}")

@@ -22,45 +22,9 @@ from pipeline.methods.merge import MERGERS
 from pipeline.train.combine import combine, merger_takes
 from pipeline.evaluation.metrics import accuracy
 from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors
+from pipeline.io.registration import register
 from pipeline.io.tracking import Tracker
 from pipeline.nn.inference import predict_logits
-
-
-def register(tracker: Tracker, name: str, path, meta: dict, registered_model: str) -> str:
-    """Log a models-from-code pyfunc with the checkpoint as artifact; alias the version `name`."""
-    import io
-    import logging
-    import warnings
-
-    import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *meta["image_shape"]))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["architecture"]["num_classes"]))]),
-    )
-    # MLflow prints registration chatter and hints that do not apply to a models-from-code
-    # pyfunc with an explicit signature (and, in a uv venv without pip, a pip-version warning).
-    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
-    chatter = io.StringIO()
-    with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings(), contextlib.redirect_stderr(chatter):
-        warnings.simplefilter("ignore", UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model="pipeline/io/serving.py",
-            artifacts={"weights": str(path)},
-            code_paths=["pipeline"],
-            signature=signature,
-            pip_requirements=["torch", "numpy", "safetensors", "mlflow"],  # skip slow inference
-            registered_model_name=registered_model,
-        )
-    version = str(info.registered_model_version)
-    tracker.client.set_model_version_tag(registered_model, version, "mixmerge.merger", name)
-    tracker.client.set_registered_model_alias(registered_model, name, version)
-    print(f"merge: registered models:/{registered_model}@{name} (version {version})")
-    return version
 
 
 def check_mergers_accept(cfg, k: int) -> None:
@@ -141,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         tracker.log_metrics({f"val_accuracy.{n}": a for n, a in val_acc.items()})
         if cfg.registered_model:
             for name, path in zip(cfg.mergers, outs):
-                register(tracker, name, path, metas[name], cfg.registered_model)
+                register(tracker, name, path, metas[name], cfg.registered_model, stage="merge")
     table = ", ".join(f"{n} {a:.4f}" for n, a in val_acc.items())
     print(f"merge: {len(experts)} experts -> {len(val_acc)} merged models (BN recomputed: {recal}); val accuracy {table}")
 

@@ -43,6 +43,7 @@ TINY = {
     "pretrain.epochs": 3,
     "pretrain.width": 8,
     "mix_train.epochs": 2,
+    "federate.rounds": 2,
     "prepare.partition.min_shard_size": 5,
 }
 

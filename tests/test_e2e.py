@@ -14,6 +14,7 @@ from tests.conftest import TINY, run
 
 K = len(TINY["base.shards"])
 MERGERS = ["fedavg", "task_arithmetic", "ties", "uniform"]
+FEDERATED = ["fed_fedavg", "fed_fedprox", "fed_scaffold", "fed_fedntd", "fed_gossip_ring"]  # params.yaml's runs
 
 
 def lock_md5s(root):
@@ -28,7 +29,7 @@ def lock_md5s(root):
 def test_metrics_cover_every_model(repro_project):
     metrics = json.loads((repro_project / "results/metrics.json").read_text())
     models = metrics["test"]
-    expected = {"pretrained", "ensemble", *MERGERS, *(f"expert_{k}" for k in range(K))}
+    expected = {"pretrained", "ensemble", *MERGERS, *FEDERATED, *(f"expert_{k}" for k in range(K))}
     assert set(models) == expected
     for name, m in models.items():
         assert 0 <= m["accuracy"] <= 1 and m["nll"] > 0 and 0 <= m["ece"] <= 1, name
@@ -47,9 +48,9 @@ def test_plots_and_manifest_are_written(repro_project):
         assert (repro_project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     rows = (repro_project / "results/models.csv").read_text().splitlines()
     assert rows[0] == "model,kind,accuracy,nll,ece,brier,temperature,nll_scaled,ece_scaled,probe_accuracy,knn_accuracy"
-    assert len(rows) == 1 + 2 + K + len(MERGERS)
+    assert len(rows) == 1 + 2 + K + len(MERGERS) + len(FEDERATED)
     per_class = (repro_project / "results/per_class.csv").read_text().splitlines()
-    assert len(per_class) == 1 + 10 * (2 + K + len(MERGERS))
+    assert len(per_class) == 1 + 10 * (2 + K + len(MERGERS) + len(FEDERATED))
     manifest = json.loads((repro_project / "data/prepared/partition.json").read_text())
     assert manifest["num_shards"] == K
     assert sum(s["size"] for s in manifest["shards"]) == sum(sum(s["label_histogram"]) for s in manifest["shards"])
@@ -120,9 +121,11 @@ def test_a_stage_reruns_when_its_params_code_or_inputs_change_and_only_then(repr
     merge_param = stale_after(repro_project, "params.yaml", lambda s: s.replace("density: 0.2", "density: 0.3"))
     assert merge_param == {"merge"}
     code = stale_after(repro_project, "pipeline/methods/merge/task_vectors.py", lambda s: s + "\n# touched\n")
-    assert code == {"merge"}
+    assert code == {"merge", "federate"}  # any merger may be federate's aggregator
     shared = stale_after(repro_project, "pipeline/nn/models.py", lambda s: s + "\n# touched\n")
-    assert shared == {"pretrain", "merge", "evaluate", *(f"mix_train@{k}" for k in range(K))}
+    assert shared == {"pretrain", "merge", "federate", "evaluate", *(f"mix_train@{k}" for k in range(K))}
+    client = stale_after(repro_project, "pipeline/methods/federated/clients.py", lambda s: s + "\n# touched\n")
+    assert client == {"federate"}, "a client algorithm's change reruns federate alone (and evaluate after it)"
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +146,9 @@ def test_mlflow_parent_and_child_runs(mlflow_client):
     by = runs_by_stage(mlflow_client)
     assert len(by["pipeline"]) == 1
     parent = by["pipeline"][0].info.run_id
-    counts = {stage: len(by.get(stage, [])) for stage in ("prepare", "pretrain", "mix_train", "merge", "evaluate")}
-    assert counts == {"prepare": 1, "pretrain": 1, "mix_train": K, "merge": 1, "evaluate": 1}
+    stages = ("prepare", "pretrain", "mix_train", "merge", "federate", "evaluate")
+    counts = {stage: len(by.get(stage, [])) for stage in stages}
+    assert counts == {"prepare": 1, "pretrain": 1, "mix_train": K, "merge": 1, "federate": len(FEDERATED), "evaluate": 1}
     for stage, runs in by.items():
         for r in runs:
             if stage != "pipeline":
@@ -225,3 +229,18 @@ def test_host_data_path_reproduces_the_resident_pipeline(repro_project, tmp_path
     host, _ = load_tensors(root / "data/experts/shard_0.safetensors")
     assert all(torch.equal(resident[n], host[n]) for n in resident)
     assert (root / "results/models.csv").read_text() == (repro_project / "results/models.csv").read_text()
+
+
+def test_federated_runs_log_each_round_and_register_their_global_model(mlflow_client, repro_project):
+    by = runs_by_stage(mlflow_client)
+    runs = {r.data.params["name"]: r for r in by["federate"]}
+    assert set(runs) == {n.removeprefix("fed_") for n in FEDERATED}
+    rounds = TINY["federate.rounds"]
+    for name, r in runs.items():
+        history = mlflow_client.get_metric_history(r.info.run_id, "test_accuracy")
+        assert [m.step for m in history] == list(range(1, rounds + 1)), name
+        assert r.data.metrics["final_test_accuracy"] == history[-1].value
+    lines = (repro_project / "results/rounds.csv").read_text().splitlines()
+    assert len(lines) == 1 + rounds * len(FEDERATED)
+    model = mlflow_client.get_registered_model("mixmerge-federated")
+    assert set(model.aliases) == set(runs)

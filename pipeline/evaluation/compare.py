@@ -98,7 +98,7 @@ def choose_pairs(experts: list[str], limit: int, seed: int) -> list[tuple[str, s
 def compare(models: Iterable[tuple[str, str, nn.Module]], splits: Splits, shard_histograms: torch.Tensor,
             pairs: list[tuple[str, str]], ece_bins: int, batch_size: int, interpolation_points: int) -> Comparison:
     """Score every (name, kind, model) of ``models`` (taken one at a time, so a caller may load
-    them lazily); kinds are pretrained, expert, merged. Adds the experts' ensemble."""
+    them lazily); kinds are pretrained, expert, merged, federated. Adds the experts' ensemble."""
     out = Comparison()
     test_logits, val_logits, kinds, probes, states = {}, {}, {}, {}, {}
     arch = None

@@ -30,6 +30,7 @@ def expert_history(shard: int) -> Path:
 
 
 MERGED = Path("data/merged")
+FEDERATED = Path("data/federated")  # one global model per federated or decentralised run
 
 RESULTS = Path("results")
 METRICS = RESULTS / "metrics.json"
@@ -40,6 +41,7 @@ PER_CLASS_CSV = RESULTS / "per_class.csv"
 MERGE_GAP_CSV = RESULTS / "merge_gap.csv"
 PAIRS_CSV = RESULTS / "pairs.csv"
 INTERPOLATION_CSV = RESULTS / "interpolation.csv"
+ROUNDS_CSV = RESULTS / "rounds.csv"  # federate: per-round metrics of every run
 COMPARISON_PNG = RESULTS / "comparison.png"
 RELIABILITY_PNG = RESULTS / "reliability.png"
 INTERPOLATION_PNG = RESULTS / "interpolation.png"

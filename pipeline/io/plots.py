@@ -38,7 +38,8 @@ def partition_heatmap(hist: np.ndarray, classes: list[str], title: str, path: st
 
 def comparison_chart(rows: list[dict], path: str | Path) -> None:
     """Test accuracy and ECE per model, coloured by kind."""
-    colours = {"pretrained": "grey", "expert": "tab:blue", "merged": "tab:orange", "ensemble": "tab:green"}
+    colours = {"pretrained": "grey", "expert": "tab:blue", "merged": "tab:orange", "ensemble": "tab:green",
+               "federated": "tab:purple"}
     names = [r["model"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(7, 0.6 * len(rows) + 3), 3.5))
     for ax, key in zip(axes, ("accuracy", "ece")):

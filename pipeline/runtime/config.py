@@ -6,6 +6,7 @@ each validator imports its registry when it runs, so a stage never pays for a fa
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,13 +20,14 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from pipeline.runtime.errors import ConfigError  # noqa: E402  (re-exported: config.ConfigError)
 
-SECTIONS = ("base", "prepare", "pretrain", "mix_train", "merge", "evaluate")
+SECTIONS = ("base", "prepare", "pretrain", "mix_train", "merge", "federate", "evaluate")
 
 
 class Strict(BaseModel):
@@ -199,6 +201,116 @@ def _parse_method(registry, name: str, spec: Any) -> MethodSpec:
     return MethodSpec(method=method, options=options)
 
 
+# Keys of a federate run that are not its client algorithm's options.
+RUN_KEYS = ("algorithm", "topology", "peers", "aggregator", "final_merge", "server_lr", "server_momentum")
+AVERAGING = ("fedavg", "uniform")  # the aggregators SCAFFOLD's and FedDyn's server updates assume
+
+
+class FederatedRun(Strict):
+    """One federated run (``algorithm``: a client algorithm, its options beside it) or one
+    decentralised run (``topology`` set: K nodes gossiping, one ``final_merge`` at the end)."""
+
+    algorithm: str = "fedavg"
+    options: dict[str, Any] = {}  # the client algorithm's, validated by its registry
+    topology: str | None = None
+    peers: PositiveInt = 1  # topology random: peers each node draws per round
+    aggregator: MethodSpec | None = None  # None: the section's aggregator
+    final_merge: MethodSpec = MethodSpec(method="uniform")  # decentralised: the single global merge
+    server_lr: float = Field(1.0, gt=0, allow_inf_nan=False)  # FedAvgM's server learning rate
+    server_momentum: float = Field(0.0, ge=0, lt=1)  # FedAvgM's server momentum (0: FedAvg)
+
+    @property
+    def decentralised(self) -> bool:
+        return self.topology is not None
+
+
+def _parse_run(name: str, raw: Any, default_aggregator: Any) -> FederatedRun:
+    from pipeline.methods.federated import CLIENT_ALGORITHMS, TOPOLOGIES
+    from pipeline.methods.merge import MERGERS
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name}: must be a mapping such as {{algorithm: fedprox, mu: 0.01}}, got {raw!r}")
+    algorithm = raw.get("algorithm", "fedavg")
+    if algorithm not in CLIENT_ALGORITHMS:
+        raise ValueError(f"{name}.algorithm = {algorithm!r}: allowed: {', '.join(CLIENT_ALGORITHMS.names())}")
+    try:
+        options = CLIENT_ALGORITHMS.options(algorithm, {k: v for k, v in raw.items() if k not in RUN_KEYS})
+    except ValueError as e:
+        hint = f" (or a run key: {', '.join(RUN_KEYS)})" if "Extra inputs" in str(e) else ""
+        raise ValueError(f"{name}.{e}{hint}") from None
+    topology = raw.get("topology")
+    if topology is not None:
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"{name}.topology = {topology!r}: allowed: {', '.join(TOPOLOGIES.names())}")
+        if algorithm != "fedavg":
+            raise ValueError(f"{name}.algorithm = {algorithm!r}: decentralised nodes (topology {topology}) train "
+                             f"plain local steps; allowed: fedavg")
+    aggregator = raw.get("aggregator", default_aggregator)
+    fields = {k: v for k, v in raw.items() if k in RUN_KEYS and k not in ("algorithm", "aggregator", "final_merge")}
+    parsed = {"algorithm": algorithm, "options": options, **fields}
+    if aggregator is not None:
+        parsed["aggregator"] = _parse_method(MERGERS, f"{name}.aggregator", aggregator if isinstance(aggregator, dict)
+                                             else {"method": aggregator})
+    if "final_merge" in raw:
+        spec = raw["final_merge"]
+        parsed["final_merge"] = _parse_method(MERGERS, f"{name}.final_merge",
+                                              spec if isinstance(spec, dict) else {"method": spec})
+    run = FederatedRun.model_validate(parsed)
+    from pipeline.methods.federated import CLIENT_ALGORITHMS as algorithms
+
+    if algorithms[algorithm](**options).requires_averaging and run.aggregator.method not in AVERAGING:
+        raise ValueError(f"{name}.aggregator = {run.aggregator.method!r}: {algorithm}'s server update assumes an "
+                         f"average of the clients; allowed: {', '.join(AVERAGING)}")
+    return run
+
+
+class FederateConfig(Strict):
+    """Rounds of federated (or decentralised) training on the K shards, from the pretrained model."""
+
+    rounds: PositiveInt = 10
+    local_epochs: PositiveInt = 1  # E: each client's (node's) epochs on its shard per round
+    sample_fraction: float = Field(1.0, gt=0, le=1)  # clients per round: max(1, int(fraction * K))
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 0.02  # constant within a round
+    lr_decay: float = Field(1.0, gt=0, le=1)  # per round (the FedNTD and FedSoL authors use 0.99)
+    momentum: float = Field(0.9, ge=0, lt=1)  # heavy ball, as the authors' client SGD
+    weight_decay: NonNegativeFloat = 5e-4
+    mixer: str = "none"  # the clients' mixer (a mix_train mixer that does not hook the model)
+    mix_alpha: PositiveFloat = 1.0
+    aggregator: MethodSpec = MethodSpec(method="fedavg")  # any merger; a run may name its own
+    runs: dict[str, FederatedRun] = Field(min_length=1)
+    registered_model: str | None = Field("mixmerge-federated", min_length=1)  # null: register nothing
+
+    @field_validator("aggregator", mode="before")
+    @classmethod
+    def _parse_aggregator(cls, raw: Any) -> Any:
+        from pipeline.methods.merge import MERGERS
+
+        return _parse_method(MERGERS, "aggregator", raw if isinstance(raw, dict) else {"method": raw})
+
+    @field_validator("mixer")
+    @classmethod
+    def _known_mixer(cls, v: str) -> str:
+        from pipeline.methods.mix import MIXERS
+
+        MIXERS.check(v)
+        if v == "manifold_mixup":
+            raise ValueError("manifold_mixup hooks the model's layers; federated clients take input-space mixers")
+        return v
+
+    @field_validator("runs", mode="before")
+    @classmethod
+    def _parse_runs(cls, raw: Any, info: ValidationInfo) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        aggregator = info.data.get("aggregator")
+        aggregator = aggregator.model_dump() if aggregator is not None else {"method": "fedavg"}
+        aggregator = {"method": aggregator["method"], **aggregator["options"]}
+        return {name: _parse_run(name, spec, aggregator) for name, spec in raw.items()}
+
+
 class EvaluateConfig(Strict):
     ece_bins: PositiveInt = 15
     batch_size: PositiveInt = 512
@@ -216,6 +328,7 @@ STAGE_MODELS: dict[str, type[Strict]] = {
     "pretrain": PretrainConfig,
     "mix_train": MixTrainConfig,
     "merge": MergeConfig,
+    "federate": FederateConfig,
     "evaluate": EvaluateConfig,
 }
 
@@ -257,6 +370,9 @@ def load_section(raw: dict[str, Any], section: str, path: str | Path = "params.y
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(_allowed_keys(section, err["loc"]))
             raise ConfigError(f"{path}: unknown key {loc}; allowed: {allowed}") from None
+        if isinstance(err.get("input"), (dict, list)) and re.match(r"[\w.]+ = ", msg):
+            # a nested value's own message names it (``fedprox.mu = -1: ...``): not the whole mapping
+            raise ConfigError(f"{path}: {loc}.{msg}") from None
         raise ConfigError(f"{path}: {loc} = {err.get('input')!r}: {msg}") from None
 
 

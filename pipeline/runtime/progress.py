@@ -11,8 +11,9 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, label: str, total_epochs: int, stream: TextIO | None = None, start: float | None = None):
-        self.label, self.total = label, total_epochs
+    def __init__(self, label: str, total_epochs: int, stream: TextIO | None = None, start: float | None = None,
+                 unit: str = "epoch"):
+        self.label, self.total, self.unit = label, total_epochs, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.start = time.perf_counter() if start is None else start  # a time.perf_counter() value
@@ -22,7 +23,7 @@ class Progress:
     def update(self, epoch: int, loss: float, **extra: float) -> None:
         elapsed = time.perf_counter() - self.start
         fields = " ".join(f"{k} {v:.4f}" for k, v in extra.items())
-        line = f"{self.label} epoch {epoch}/{self.total} loss {loss:.4f} {fields} {elapsed:.1f}s".replace("  ", " ")
+        line = f"{self.label} {self.unit} {epoch}/{self.total} loss {loss:.4f} {fields} {elapsed:.1f}s".replace("  ", " ")
         if self.tty:
             end = "\n" if epoch == self.total else ""
             self.stream.write(f"\r\033[K{line}{end}")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "pipeline.runtime.config"
 # Files a stage runs without importing them: merge logs pipeline/io/serving.py to MLflow as
 # the code of the model it registers.
-RUNS_WITHOUT_IMPORT = {"merge": ["pipeline/io/serving.py"]}
+RUNS_WITHOUT_IMPORT = {"merge": ["pipeline/io/serving.py"], "federate": ["pipeline/io/serving.py"]}
 
 
 def module_file(module: str) -> Path | None:
