@@ -31,6 +31,7 @@ from pipeline.nn.models import build, channels_last
 from pipeline.train.stacked import fit_stacked
 from pipeline.nn.inference import autocast
 from pipeline.train.loop import Schedule, batches, fit
+from bench.rounds import bench_aggregation, bench_round_overhead, bench_rounds_stacked
 
 
 def best_of(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -317,7 +318,9 @@ def bench_gpu_utilisation(device, repeats, k=8, batch_size=512, width=64):
 
 ROWS = {"experts": bench_experts, "data": bench_data_path, "data_digits": bench_data_path_digits,
         "merge": bench_merge, "mlflow": bench_mlflow,
-        "dvc": bench_dvc, "flow": bench_flow, "gpu": bench_gpu_utilisation}
+        "dvc": bench_dvc, "flow": bench_flow, "gpu": bench_gpu_utilisation,
+        "rounds_stacked": bench_rounds_stacked, "round_overhead": bench_round_overhead,
+        "aggregation": bench_aggregation}
 
 
 def main() -> int:

@@ -53,6 +53,27 @@ ALL_MERGERS = {
     "greedy_soup": {"method": "greedy_soup"},
 }
 
+FEDERATED_ROUNDS = 30
+# The client algorithms at their authors' benchmark settings, FedProx at the FedNTD authors' mu,
+# and decentralised runs on K = 20 nodes (torus 4 x 5), merged once at the end; topology none
+# is zero communication (each node alone from the shared start, merged once: the one-shot case).
+FEDERATED_RUNS = {
+    "fedavg": {"algorithm": "fedavg"},
+    "fedavgm": {"algorithm": "fedavg", "server_momentum": 0.9, "server_lr": 1.0},
+    "fedprox": {"algorithm": "fedprox", "mu": 1.0},
+    "scaffold": {"algorithm": "scaffold"},
+    "feddyn": {"algorithm": "feddyn"},
+    "fedntd": {"algorithm": "fedntd"},
+    "moon": {"algorithm": "moon"},
+    "fedsol": {"algorithm": "fedsol"},
+    "fedsol_fixed": {"algorithm": "fedsol", "adaptive": False},
+    "gossip_ring": {"topology": "ring"},
+    "gossip_torus": {"topology": "torus"},
+    "gossip_random2": {"topology": "random", "peers": 2},
+    "gossip_complete": {"topology": "complete"},
+    "no_communication": {"topology": "none"},
+}
+
 PARTITIONS = {
     "dirichlet0.1": {"prepare.partition.method": "dirichlet", "prepare.partition.alpha": 0.1},
     "dirichlet1.0": {"prepare.partition.method": "dirichlet", "prepare.partition.alpha": 1.0},
@@ -67,7 +88,8 @@ GRIDS: dict[str, tuple[dict[str, dict[str, dict]], dict]] = {
             "partition": PARTITIONS,
             "seed": {str(s): {"base.seed": s} for s in (0, 1, 2)},
         },
-        {"merge.mergers": ALL_MERGERS, "merge.registered_model": None},
+        {"merge.mergers": ALL_MERGERS, "merge.registered_model": None, "federate.registered_model": None,
+         "federate.runs": {"fedavg": {"algorithm": "fedavg"}}},  # FedAvg beside the one-shot merges
     ),
     # every mixer, mix loss, pretrain method and the alignment step once, against the default
     # (mixup, soft cross-entropy, supervised pretraining, Dirichlet alpha 0.5), 2 seeds
@@ -89,11 +111,28 @@ GRIDS: dict[str, tuple[dict[str, dict[str, dict]], dict]] = {
                 "partition=quantity_skew": {"prepare.partition.method": "quantity_skew"},
                 # SLERP merges exactly two experts
                 "K=2 (+slerp)": {"base.shards": [0, 1],
-                                 "merge.mergers": {**ALL_MERGERS, "slerp": {"method": "slerp", "t": 0.5}}},
+                                 "merge.mergers": {**ALL_MERGERS, "slerp": {"method": "slerp", "t": 0.5}},
+                                 "federate.runs": {"fedavg": {"algorithm": "fedavg"}}},  # a ring needs K >= 3
             },
             "seed": {str(s): {"base.seed": s} for s in (0, 1)},
         },
-        {"merge.mergers": ALL_MERGERS, "merge.registered_model": None},
+        {"merge.mergers": ALL_MERGERS, "merge.registered_model": None, "federate.registered_model": None,
+         "federate.runs": {"fedavg": {"algorithm": "fedavg"}}},  # FedAvg beside the one-shot merges
+    ),
+    # Federated and decentralised learning on K = 20 clients from scratch (issue: rounds):
+    # every client algorithm and topology as a run of one federate stage, two label skews, 3 seeds
+    "federated": (
+        {
+            "partition": {f"dirichlet{a}": {"prepare.partition.method": "dirichlet", "prepare.partition.alpha": a}
+                          for a in (0.1, 0.5)},
+            "seed": {str(s): {"base.seed": s} for s in (0, 1, 2)},
+        },
+        {"base.shards": list(range(20)), "prepare.partition.min_shard_size": 5,
+         "merge.mergers": {"fedavg": {"method": "fedavg"}, "ties": {"method": "ties", "density": 0.2}},
+         "merge.registered_model": None, "evaluate.interpolation_pairs": 2, "evaluate.interpolation_points": 3,
+         "federate.start": "scratch", "federate.rounds": FEDERATED_ROUNDS, "federate.local_epochs": 2,
+         "federate.sample_fraction": 0.5, "federate.lr": 0.05, "federate.registered_model": None,
+         "federate.runs": FEDERATED_RUNS},
     ),
     # a few seconds per cell: for tests and for trying the sweep machinery
     "smoke": (
@@ -104,6 +143,8 @@ GRIDS: dict[str, tuple[dict[str, dict[str, dict]], dict]] = {
         },
         {"base.shards": [0, 1], "pretrain.epochs": 2, "pretrain.width": 8, "mix_train.epochs": 2,
          "evaluate.interpolation_points": 3, "merge.registered_model": None,
+         "federate.rounds": 2, "federate.registered_model": None,
+         "federate.runs": {"fedavg": {"algorithm": "fedavg"}, "fedprox": {"algorithm": "fedprox"}},
          "merge.mergers": {"fedavg": {"method": "fedavg"}, "ties": {"method": "ties"},
                            "greedy_soup": {"method": "greedy_soup"}}},
     ),
@@ -186,8 +227,16 @@ def summarise(grid: str, out: Path, done: list[tuple[str, dict[str, str]]]) -> l
         acc.setdefault("best expert", []).append(summary["best_expert_accuracy"])
         acc.setdefault("ensemble", []).append(summary["ensemble_accuracy"])
         for model, m in metrics["test"].items():
-            if model in summary["merge_gap"]:
+            if model in summary["merge_gap"] or model.startswith("fed_"):
                 acc.setdefault(model, []).append(m["accuracy"])
+        rounds_csv = out / name / "results" / "rounds.csv"
+        if rounds_csv.exists():  # decentralised runs: the nodes on their own, without the final merge
+            last = {}
+            for row in csv.DictReader(rounds_csv.open()):
+                last[row["run"]] = row
+            for run, row in last.items():
+                if row.get("node_test_accuracy"):
+                    acc.setdefault(f"fed_{run} nodes (no final merge)", []).append(float(row["node_test_accuracy"]))
     columns = list(dict.fromkeys(c for g in groups.values() for c in g))
     rows = []
     for key, acc in groups.items():

@@ -24,7 +24,9 @@ import time
 import numpy as np
 import torch
 
+from pipeline.evaluation.metrics import accuracy
 from pipeline.evaluation.rounds import client_drift, round_scores
+from pipeline.nn.inference import predict_logits
 from pipeline.io import layout
 from pipeline.io.checkpoints import md5, replace_dir, save_tensors, staging_dir, write_csv
 from pipeline.io.registration import register
@@ -35,6 +37,7 @@ from pipeline.methods.federated import TOPOLOGIES
 from pipeline.methods.federated.topology import fits
 from pipeline.methods.merge.data import MergeData
 from pipeline.methods.mix.recipe import MixRecipe
+from pipeline.nn.models import build
 from pipeline.runtime import cli, config
 from pipeline.runtime.progress import Progress
 from pipeline.train.combine import combine, merger_takes
@@ -43,7 +46,7 @@ from pipeline.train.rounds import Federation, RoundState, gossip, run_round
 from pipeline.train.engine import train_models
 
 ROUND_COLUMNS = ["run", "round", "test_accuracy", "val_accuracy", "test_loss", "val_loss", "mean_cosine",
-                 "sign_conflict", "ensemble_gap", "clients"]
+                 "sign_conflict", "ensemble_gap", "clients", "node_test_accuracy"]
 
 
 def draw_seed(seed: int, round_: int, client: int, stream: int) -> int:
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED]
     input_hashes = {str(f): md5(f) for f in inputs}
     model, pre_meta = load_model(layout.PRETRAINED, device)
+    if cfg.start == "scratch":  # the same architecture, freshly initialised from base.seed
+        torch.manual_seed(base.seed)
+        arch = pre_meta["architecture"]
+        model = build(arch["name"], arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
     init = {n: t.clone() for n, t in model.state_dict().items()}
     num_classes = data.num_classes
     common = cfg.model_dump(exclude={"runs", "registered_model"})
@@ -125,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                 learned = [n for n, _ in model.named_parameters()]
                 row = {"run": name, "round": state.round,
                        **round_scores(model, state.global_state, trained, data.x_val, data.y_val, data.x_test, data.y_test),
-                       **client_drift(start, trained, learned), "clients": len(sampled)}
+                       **client_drift(start, trained, learned), "clients": len(sampled),
+                       # decentralised: the nodes' mean accuracy on their own, without the final merge
+                       "node_test_accuracy": node_accuracy(model, state, data) if run.decentralised else ""}
                 row = {c: (round(v, 6) if isinstance(v, float) else v) for c, v in row.items()}
                 rows.append(row)
                 save_round(checkpoint_path(name), state, rows, print_)
@@ -178,6 +187,15 @@ def decentralised_round(model, state: RoundState, sources, recipe_for, generator
                      data=merge_data(list(range(k))) if merger_takes(run.final_merge.method, "data") else None,
                      seed=seed)
     return RoundState(state.round + 1, merged, client_states=dict(enumerate(nodes))), trained, start
+
+
+def node_accuracy(model, state: RoundState, data) -> float:
+    scores = []
+    for node in state.client_states.values():
+        model.load_state_dict(node)
+        scores.append(accuracy(predict_logits(model, data.x_test), data.y_test))
+    model.load_state_dict(state.global_state)
+    return sum(scores) / len(scores)
 
 
 def metric_values(row: dict) -> dict[str, float]:

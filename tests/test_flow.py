@@ -13,7 +13,8 @@ from flows.pipeline_flow import StageConfigError, mixmerge_pipeline, run_stage
 from tests.conftest import TINY, make_project, run
 
 K = len(TINY["base.shards"])
-ALL = ["prepare", "pretrain", *(f"mix_train@{k}" for k in range(K)), "merge", "evaluate"]
+# DAG order; stages of one generation (federate and the shards) sorted by name
+ALL = ["prepare", "pretrain", "federate", *(f"mix_train@{k}" for k in range(K)), "merge", "evaluate"]
 
 
 @pytest.fixture(scope="module")

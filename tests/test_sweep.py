@@ -83,7 +83,7 @@ def test_a_cell_runs_the_stages_dvc_yaml_declares_in_its_order(tmp_path):
     params["base"]["shards"] = [0, 1, 2, 3, 4]
     (cell / "params.yaml").write_text(yaml.safe_dump(params))
     assert plan(cell, source) == [
-        ("pipeline.prepare", []), ("pipeline.pretrain", []),
+        ("pipeline.prepare", []), ("pipeline.pretrain", []), ("pipeline.federate", []),
         ("pipeline.mix_train", ["--shard", "0", "1", "2", "3", "4"]),  # the cell's K, one stacked call
         ("pipeline.merge", []), ("pipeline.evaluate", []), ("pipeline.report", []),
     ]

@@ -269,6 +269,9 @@ def _parse_run(name: str, raw: Any, default_aggregator: Any) -> FederatedRun:
 class FederateConfig(Strict):
     """Rounds of federated (or decentralised) training on the K shards, from the pretrained model."""
 
+    # pretrained: every run starts from the pretrained backbone (as the experts do);
+    # scratch: from a fresh initialisation of its architecture (seeded), as federated papers train
+    start: Literal["pretrained", "scratch"] = "pretrained"
     rounds: PositiveInt = 10
     local_epochs: PositiveInt = 1  # E: each client's (node's) epochs on its shard per round
     sample_fraction: float = Field(1.0, gt=0, le=1)  # clients per round: max(1, int(fraction * K))
