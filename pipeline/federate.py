@@ -206,7 +206,8 @@ def describe(run) -> str:
     if run.decentralised:
         return f"decentralised, {run.topology}, final merge {run.final_merge.method}"
     options = ", ".join(f"{k}={v}" for k, v in run.options.items())
-    return f"{run.algorithm}{f' ({options})' if options else ''}, aggregator {run.aggregator.method}"
+    server = f", server lr {run.server_lr} momentum {run.server_momentum}" if run.server_momentum else ""
+    return f"{run.algorithm}{f' ({options})' if options else ''}, aggregator {run.aggregator.method}{server}"
 
 
 if __name__ == "__main__":
