@@ -11,7 +11,7 @@ the one-shot case, merged once.
 
 After every round the run's state is checkpointed (pipeline.io.round_checkpoints); a run
 killed at any moment and started again resumes from its last finished round and ends with the
-same bytes as an uninterrupted run. Per-round metrics go to results/rounds.csv (a DVC plot)
+same bytes as an uninterrupted run. Per-round metrics go to results/rounds/<run>.csv (a DVC plot, one line per run)
 and to MLflow with step = round; the final global models go to data/federated/, are
 registered, and join evaluate's table.
 """
@@ -98,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     def merge_data(clients: list[int]) -> MergeData:
         return MergeData(model, [shards[i] for i in clients], data.x_val, data.y_val, None, 256, base.seed)
 
-    staged = staging_dir(layout.FEDERATED)
-    all_rows, metas, outs = [], {}, []
+    staged, staged_rounds = staging_dir(layout.FEDERATED), staging_dir(layout.ROUNDS)
+    metas, outs = {}, []
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, staged, ignore_errors=True)  # gone if anything below fails
+        for folder in (staged, staged_rounds):  # gone if anything below fails
+            stack.callback(shutil.rmtree, folder, ignore_errors=True)
         for name, run in cfg.runs.items():
             spec = run.model_dump()
             print_ = fingerprint(base.model_dump(), common, spec, input_hashes, k)
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     start = state.global_state
                     fed = Federation(run.algorithm, run.options, run.aggregator.method, run.aggregator.options,
-                                     cfg.sample_fraction, run.server_lr, run.server_momentum, base.seed)
+                                     cfg.sample_fraction, run.server_lr, run.server_momentum, base.seed,
+                                     run.server_optimizer, run.server_beta2, run.server_tau)
                     state, sampled, trained = run_round(model, state, sources, sizes, recipe_for, generator_for,
                                                         schedule_of(state.round), fed, device, data_for=merge_data)
                 computed = time.perf_counter() - started
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 tracker.log_metrics({**metric_values(row), "round_seconds": time.perf_counter() - started,
                                      "round_compute_seconds": computed}, step=state.round)
                 line.update(state.round, row["val_loss"], test_acc=row["test_accuracy"])
-            all_rows += rows
+            write_csv(staged_rounds / f"{name}.csv", rows, ROUND_COLUMNS)
             metas[name] = {
                 **inherited_metadata(pre_meta), "stage": "federate", "run": name, **spec, "rounds": cfg.rounds,
                 "clients": k, "config": {"base": base.model_dump(), "federate": common},
@@ -155,10 +157,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"federate: {name} ({describe(run)}) after {cfg.rounds} rounds: test accuracy "
                   f"{rows[-1]['test_accuracy']:.4f}")
         replace_dir(layout.FEDERATED, staged)
-        write_csv(layout.ROUNDS_CSV, all_rows, ROUND_COLUMNS)
+        replace_dir(layout.ROUNDS, staged_rounds)
         for name, tracker in outs:
             path = layout.FEDERATED / f"{name}.safetensors"
-            tracker.record_outputs([path, layout.ROUNDS_CSV])
+            tracker.record_outputs([path, layout.rounds_csv(name)])
+            tracker.log_artifacts([layout.rounds_csv(name)])
             if cfg.registered_model:
                 register(tracker, name, path, metas[name], cfg.registered_model, stage="federate")
     for name in cfg.runs:  # every run is in data/federated now: the checkpoints have served
@@ -206,7 +209,11 @@ def describe(run) -> str:
     if run.decentralised:
         return f"decentralised, {run.topology}, final merge {run.final_merge.method}"
     options = ", ".join(f"{k}={v}" for k, v in run.options.items())
-    server = f", server lr {run.server_lr} momentum {run.server_momentum}" if run.server_momentum else ""
+    server = ""
+    if run.server_optimizer == "adam":
+        server = f", server FedAdam lr {run.server_lr} b1 {run.server_momentum} b2 {run.server_beta2} tau {run.server_tau}"
+    elif run.server_momentum or run.server_lr != 1.0:
+        server = f", server lr {run.server_lr} momentum {run.server_momentum}"
     return f"{run.algorithm}{f' ({options})' if options else ''}, aggregator {run.aggregator.method}{server}"
 
 

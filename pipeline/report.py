@@ -33,11 +33,13 @@ tables      {layout.MODELS_CSV}, {layout.SHARDS_CSV}, {layout.PER_CLASS_CSV}, {l
              probe, kNN: linear probe and 20-NN on each model's frozen features)
             {layout.MERGE_GAP_CSV} (per merger, test split and each shard), {layout.PAIRS_CSV} and
             {layout.INTERPOLATION_CSV} (interpolation barrier, task-vector cosine, sign conflicts)
+rounds      {layout.ROUNDS}/<run>.csv (federate: per-round accuracy, loss, client drift, ensemble gap)
 partition   {layout.PARTITION_CARD}
 plots       {layout.COMPARISON_PNG}, {layout.RELIABILITY_PNG}, {layout.INTERPOLATION_PNG}, {layout.PARTITION_PNG}
             dvc plots show   (writes dvc_plots/index.html)
 MLflow UI   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000
-model       mlflow.pyfunc.load_model("models:/mixmerge-merged@best")""")
+model       mlflow.pyfunc.load_model("models:/mixmerge-merged@best")
+            mlflow.pyfunc.load_model("models:/mixmerge-federated@<run>")   (federate's global models)""")
     return 0
 
 

@@ -144,3 +144,20 @@ def test_a_merger_that_cannot_take_k_experts_is_refused_before_merging(tmp_path)
     with pytest.raises(config.ConfigError, match=r"merge.mergers.pair \(slerp\) with 4 experts: slerp merges exactly 2"):
         check_mergers_accept(cfg, 4)
     check_mergers_accept(cfg.model_copy(update={"mergers": {"pair": cfg.mergers["pair"]}}), 2)  # accepted
+
+
+def test_federate_runs_take_their_algorithms_options_and_fedadams_defaults(tmp_path):
+    import yaml
+
+    from pipeline.runtime import config
+
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["federate"]["runs"] = {"adam": {"algorithm": "fedavg", "server_optimizer": "adam", "server_lr": 0.01},
+                               "prox": {"algorithm": "fedprox", "mu": 0.5, "aggregator": "ties"}}
+    runs = config.load_section(raw, "federate").runs
+    assert runs["adam"].server_momentum == 0.9 and runs["adam"].server_beta2 == 0.99
+    assert runs["prox"].options == {"mu": 0.5} and runs["prox"].aggregator.method == "ties"
+    assert runs["prox"].aggregator.options == {"density": 0.2, "scale": 1.0}  # TIES's defaults, filled in
+    raw["federate"]["runs"] = {"adam": {"server_optimizer": "lamb"}}
+    with pytest.raises(config.ConfigError, match="server_optimizer"):
+        config.load_section(raw, "federate")

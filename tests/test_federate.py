@@ -28,7 +28,8 @@ def pretrained_project(tmp_path_factory):
 
 def outputs(root):
     files = sorted((root / "data/federated").glob("*.safetensors"))
-    return {f.name: f.read_bytes() for f in files} | {"rounds.csv": (root / "results/rounds.csv").read_bytes()}
+    tables = sorted((root / "results/rounds").glob("*.csv"))
+    return {f.name: f.read_bytes() for f in files + tables}
 
 
 def test_a_killed_run_resumes_from_its_last_round_and_ends_byte_identical(pretrained_project):
@@ -36,11 +37,13 @@ def test_a_killed_run_resumes_from_its_last_round_and_ends_byte_identical(pretra
     proc = run([sys.executable, "-m", "pipeline.federate"], root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     straight = outputs(root)
-    assert set(straight) == {"scaffold.safetensors", "ring.safetensors", "rounds.csv"}
+    assert set(straight) == {"scaffold.safetensors", "ring.safetensors", "scaffold.csv", "ring.csv"}
     assert not list((root / ".mixmerge/checkpoints/federate").glob("*")), "checkpoints removed after success"
-    rows = list(csv.DictReader((root / "results/rounds.csv").open()))
-    assert [r["round"] for r in rows] == [str(i) for i in range(1, 25)] * 2
-    assert {r["clients"] for r in rows if r["run"] == "scaffold"} == {"2"}  # int(0.67 * 3)
+    for run in RUNS:
+        rows = list(csv.DictReader((root / f"results/rounds/{run}.csv").open()))
+        assert [r["round"] for r in rows] == [str(i) for i in range(1, 25)] and {r["run"] for r in rows} == {run}
+        assert {r["clients"] for r in rows} == ({"2"} if run == "scaffold" else {"3"})  # int(0.67 * 3); every node
+        assert all(r["node_test_accuracy"] for r in rows) == (run == "ring")
 
     checkpoint = root / ".mixmerge/checkpoints/federate/scaffold.safetensors"
     child = subprocess.Popen([sys.executable, "-m", "pipeline.federate"], cwd=root, env=subprocess_env(),
@@ -82,7 +85,7 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(pretrained_project
         again = run([sys.executable, "-m", "pipeline.federate"], root)
         assert again.returncode == 0, again.stderr[-2000:]
         assert "resuming" not in again.stdout and not checkpoint.exists()
-        assert len(list(csv.DictReader((root / "results/rounds.csv").open()))) == 4
+        assert len(list(csv.DictReader((root / "results/rounds/ring.csv").open()))) == 2
     finally:
         (root / "params.yaml").write_text(params)
 

@@ -311,3 +311,24 @@ def test_not_true_distillation_as_the_authors_ntd_loss_computes_it():
     assert got.item() == pytest.approx(total / 5, rel=1e-5)
     got.backward()
     assert logits.grad[torch.arange(5), targets].abs().max() == 0, "the true class gets no distillation gradient"
+
+
+def test_fedadam_server_step_as_flowers_fedadam_computes_it():
+    """Worked from adap/flower src/py/flwr/server/strategy/fedadam.py (aggregate_fit): delta =
+    aggregate - current; m = b1 m + (1 - b1) delta; v = b2 v + (1 - b2) delta^2;
+    w = current + eta m / (sqrt(v) + tau), on the learned tensors, two rounds."""
+    import numpy as np
+
+    b1, b2, eta, tau = 0.9, 0.99, 0.1, 1e-3
+    w = np.array([1.0, -2.0, 0.5])
+    aggs = [np.array([0.5, -1.0, 0.7]), np.array([0.2, -0.5, 1.0])]
+    m = v = np.zeros(3)
+    state, buffer = {"w": torch.tensor(w, dtype=torch.float32)}, {}
+    for agg in aggs:
+        delta = agg - w
+        m = b1 * m + (1 - b1) * delta
+        v = b2 * v + (1 - b2) * delta * delta
+        w = w + eta * m / (np.sqrt(v) + tau)
+        state, buffer = server_step(state, {"w": torch.tensor(agg, dtype=torch.float32)}, buffer, eta, b1, {"w"},
+                                    "adam", b2, tau)
+        assert np.allclose(state["w"].numpy(), w, atol=1e-5)

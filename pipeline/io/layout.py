@@ -41,7 +41,11 @@ PER_CLASS_CSV = RESULTS / "per_class.csv"
 MERGE_GAP_CSV = RESULTS / "merge_gap.csv"
 PAIRS_CSV = RESULTS / "pairs.csv"
 INTERPOLATION_CSV = RESULTS / "interpolation.csv"
-ROUNDS_CSV = RESULTS / "rounds.csv"  # federate: per-round metrics of every run
+ROUNDS = RESULTS / "rounds"  # federate: one CSV of per-round metrics per run (one line each in DVC's plot)
+
+
+def rounds_csv(run: str) -> Path:
+    return ROUNDS / f"{run}.csv"
 COMPARISON_PNG = RESULTS / "comparison.png"
 RELIABILITY_PNG = RESULTS / "reliability.png"
 INTERPOLATION_PNG = RESULTS / "interpolation.png"

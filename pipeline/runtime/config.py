@@ -202,7 +202,8 @@ def _parse_method(registry, name: str, spec: Any) -> MethodSpec:
 
 
 # Keys of a federate run that are not its client algorithm's options.
-RUN_KEYS = ("algorithm", "topology", "peers", "aggregator", "final_merge", "server_lr", "server_momentum")
+RUN_KEYS = ("algorithm", "topology", "peers", "aggregator", "final_merge", "server_optimizer", "server_lr",
+            "server_momentum", "server_beta2", "server_tau")
 AVERAGING = ("fedavg", "uniform")  # the aggregators SCAFFOLD's and FedDyn's server updates assume
 
 
@@ -216,8 +217,11 @@ class FederatedRun(Strict):
     peers: PositiveInt = 1  # topology random: peers each node draws per round
     aggregator: MethodSpec | None = None  # None: the section's aggregator
     final_merge: MethodSpec = MethodSpec(method="uniform")  # decentralised: the single global merge
-    server_lr: float = Field(1.0, gt=0, allow_inf_nan=False)  # FedAvgM's server learning rate
-    server_momentum: float = Field(0.0, ge=0, lt=1)  # FedAvgM's server momentum (0: FedAvg)
+    server_optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: FedAvg / FedAvgM; adam: FedAdam
+    server_lr: float = Field(1.0, gt=0, allow_inf_nan=False)  # the server optimiser's learning rate
+    server_momentum: float = Field(0.0, ge=0, lt=1)  # FedAvgM's momentum (0: FedAvg); FedAdam's b1 (0.9)
+    server_beta2: float = Field(0.99, ge=0, lt=1)  # FedAdam
+    server_tau: float = Field(1e-3, gt=0, allow_inf_nan=False)  # FedAdam's adaptivity
 
     @property
     def decentralised(self) -> bool:
@@ -249,6 +253,8 @@ def _parse_run(name: str, raw: Any, default_aggregator: Any) -> FederatedRun:
                              f"plain local steps; allowed: fedavg")
     aggregator = raw.get("aggregator", default_aggregator)
     fields = {k: v for k, v in raw.items() if k in RUN_KEYS and k not in ("algorithm", "aggregator", "final_merge")}
+    if fields.get("server_optimizer") == "adam":
+        fields.setdefault("server_momentum", 0.9)  # FedAdam's b1 (Reddi et al.)
     parsed = {"algorithm": algorithm, "options": options, **fields}
     if aggregator is not None:
         parsed["aggregator"] = _parse_method(MERGERS, f"{name}.aggregator", aggregator if isinstance(aggregator, dict)

@@ -12,6 +12,9 @@ The server step is FedAvgM's (Hsu, Qi & Brown 2019, "Measuring the Effects of No
 Data Distribution for Federated Visual Classification"): with the pseudo-gradient
 delta = w_global - w_aggregated, v <- momentum * v + delta and w_global <- w_global - lr * v.
 lr = 1 and momentum = 0 (the defaults) give plain FedAvg: the aggregate becomes the global model.
+Or FedAdam's (Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2, as Flower's
+FedAdam strategy computes it): with d = w_aggregated - w_global, m <- b1 m + (1 - b1) d,
+v <- b2 v + (1 - b2) d^2, w_global <- w_global + lr m / (sqrt(v) + tau), no bias correction.
 Buffers (BatchNorm statistics, counters) are taken from the aggregate.
 """
 from __future__ import annotations
@@ -54,8 +57,11 @@ class Federation:
     aggregator_options: dict | None = None
     sample_fraction: float = 1.0
     server_lr: float = 1.0
-    server_momentum: float = 0.0
+    server_momentum: float = 0.0  # FedAvgM's momentum; FedAdam's b1
     seed: int = 0
+    server_optimizer: str = "sgd"  # sgd (FedAvg, FedAvgM) | adam (FedAdam)
+    server_beta2: float = 0.99  # FedAdam
+    server_tau: float = 1e-3  # FedAdam's adaptivity (Reddi et al. tune it over 1e-5 .. 1e-1)
 
 
 def round_seed(seed: int, round_: int) -> int:
@@ -73,18 +79,28 @@ def sample_clients(num_clients: int, fraction: float, seed: int, round_: int) ->
 
 
 def server_step(global_state: StateDict, aggregated: StateDict, buffer: StateDict, lr: float,
-                momentum: float, learned: set[str]) -> tuple[StateDict, StateDict]:
-    """FedAvgM's update on the learned tensors; buffers come from the aggregate."""
+                momentum: float, learned: set[str], optimizer: str = "sgd", beta2: float = 0.99,
+                tau: float = 1e-3) -> tuple[StateDict, StateDict]:
+    """The server optimiser's update on the learned tensors (FedAvgM's SGD with momentum, or
+    FedAdam); buffers come from the aggregate. ``buffer`` is the optimiser's state."""
     new_global, new_buffer = {}, {}
     for name, agg in aggregated.items():
         if name not in learned:
             new_global[name] = agg.clone()
             continue
-        delta = global_state[name].float() - agg.float()
+        w = global_state[name].float()
+        if optimizer == "adam":
+            d = agg.float() - w
+            m = (1 - momentum) * d if f"m.{name}" not in buffer else momentum * buffer[f"m.{name}"] + (1 - momentum) * d
+            v = (1 - beta2) * d * d if f"v.{name}" not in buffer else beta2 * buffer[f"v.{name}"] + (1 - beta2) * d * d
+            new_buffer[f"m.{name}"], new_buffer[f"v.{name}"] = m, v
+            new_global[name] = (w + lr * m / (v.sqrt() + tau)).to(agg.dtype)
+            continue
+        delta = w - agg.float()
         v = delta if name not in buffer else momentum * buffer[name] + delta
         if momentum:
             new_buffer[name] = v
-        new_global[name] = (global_state[name].float() - lr * v).to(agg.dtype)
+        new_global[name] = (w - lr * v).to(agg.dtype)
     return new_global, new_buffer
 
 
@@ -134,7 +150,8 @@ def run_round(
         state.server_state)
     aggregated = {**aggregated, **corrected}
     new_global, buffer = server_step(state.global_state, aggregated, state.server_buffer, federation.server_lr,
-                                     federation.server_momentum, set(learned))
+                                     federation.server_momentum, set(learned), federation.server_optimizer,
+                                     federation.server_beta2, federation.server_tau)
     client_states = dict(state.client_states)
     client_states.update({i: s for i, s in zip(sampled, new_states) if s})
     return RoundState(round_ + 1, new_global, buffer, server_state, client_states), sampled, clients
