@@ -59,7 +59,9 @@ FEDERATED_ROUNDS = 30
 # is zero communication (each node alone from the shared start, merged once: the one-shot case).
 FEDERATED_RUNS = {
     "fedavg": {"algorithm": "fedavg"},
-    "fedavgm": {"algorithm": "fedavg", "server_momentum": 0.9, "server_lr": 1.0},
+    # FedAvgM at an effective server step lr / (1 - momentum) = 1 (Hsu et al.), FedAdam at Reddi et al.'s tau
+    "fedavgm": {"algorithm": "fedavg", "server_momentum": 0.9, "server_lr": 0.1},
+    "fedadam": {"algorithm": "fedavg", "server_optimizer": "adam", "server_lr": 0.01},
     "fedprox": {"algorithm": "fedprox", "mu": 1.0},
     "scaffold": {"algorithm": "scaffold"},
     "feddyn": {"algorithm": "feddyn"},
