@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
                     state, sampled, trained = run_round(model, state, sources, sizes, recipe_for, generator_for,
                                                         schedule_of(state.round), fed, device, data_for=merge_data)
                 computed = time.perf_counter() - started
+                if state.round % cfg.eval_every and state.round < cfg.rounds:
+                    save_round(checkpoint_path(name), state, rows, print_)
+                    continue
                 learned = [n for n, _ in model.named_parameters()]
                 row = {"run": name, "round": state.round,
                        **round_scores(model, state.global_state, trained, data.x_val, data.y_val, data.x_test, data.y_test),

@@ -39,11 +39,11 @@ def test_a_killed_run_resumes_from_its_last_round_and_ends_byte_identical(pretra
     straight = outputs(root)
     assert set(straight) == {"scaffold.safetensors", "ring.safetensors", "scaffold.csv", "ring.csv"}
     assert not list((root / ".mixmerge/checkpoints/federate").glob("*")), "checkpoints removed after success"
-    for run in RUNS:
-        rows = list(csv.DictReader((root / f"results/rounds/{run}.csv").open()))
-        assert [r["round"] for r in rows] == [str(i) for i in range(1, 25)] and {r["run"] for r in rows} == {run}
-        assert {r["clients"] for r in rows} == ({"2"} if run == "scaffold" else {"3"})  # int(0.67 * 3); every node
-        assert all(r["node_test_accuracy"] for r in rows) == (run == "ring")
+    for name in RUNS:
+        rows = list(csv.DictReader((root / f"results/rounds/{name}.csv").open()))
+        assert [r["round"] for r in rows] == [str(i) for i in range(1, 25)] and {r["run"] for r in rows} == {name}
+        assert {r["clients"] for r in rows} == ({"2"} if name == "scaffold" else {"3"})  # int(0.67 * 3); every node
+        assert all(r["node_test_accuracy"] for r in rows) == (name == "ring")
 
     checkpoint = root / ".mixmerge/checkpoints/federate/scaffold.safetensors"
     child = subprocess.Popen([sys.executable, "-m", "pipeline.federate"], cwd=root, env=subprocess_env(),
@@ -81,11 +81,12 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(pretrained_project
     checkpoint = root / ".mixmerge/checkpoints/federate/ring.safetensors"
     save_round(checkpoint, RoundState(1, {}), [], "another configuration")
     try:
-        (root / "params.yaml").write_text(params.replace("rounds: 24", "rounds: 2"))
+        (root / "params.yaml").write_text(params.replace("rounds: 24", "rounds: 7").replace("eval_every: 1", "eval_every: 3"))
         again = run([sys.executable, "-m", "pipeline.federate"], root)
         assert again.returncode == 0, again.stderr[-2000:]
         assert "resuming" not in again.stdout and not checkpoint.exists()
-        assert len(list(csv.DictReader((root / "results/rounds/ring.csv").open()))) == 2
+        rows = list(csv.DictReader((root / "results/rounds/ring.csv").open()))
+        assert [r["round"] for r in rows] == ["3", "6", "7"], "every eval_every rounds, and the last"
     finally:
         (root / "params.yaml").write_text(params)
 
