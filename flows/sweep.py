@@ -232,11 +232,11 @@ def summarise(grid: str, out: Path, done: list[tuple[str, dict[str, str]]]) -> l
             if model in summary["merge_gap"] or model.startswith("fed_"):
                 acc.setdefault(model, []).append(m["accuracy"])
         # decentralised runs: the nodes on their own, without the final merge
-        for rounds_csv in sorted((out / name / "results" / "rounds").glob("*.csv")):
-            rows = list(csv.DictReader(rounds_csv.open()))
-            if rows and rows[-1].get("node_test_accuracy"):
-                acc.setdefault(f"fed_{rounds_csv.stem} nodes (no final merge)", []).append(
-                    float(rows[-1]["node_test_accuracy"]))
+        rounds_csv = out / name / "results" / "rounds.csv"
+        last = {row["run"]: row for row in csv.DictReader(rounds_csv.open())} if rounds_csv.exists() else {}
+        for run, row in last.items():
+            if row.get("node_test_accuracy"):
+                acc.setdefault(f"fed_{run} nodes (no final merge)", []).append(float(row["node_test_accuracy"]))
     columns = list(dict.fromkeys(c for g in groups.values() for c in g))
     rows = []
     for key, acc in groups.items():

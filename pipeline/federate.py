@@ -11,7 +11,7 @@ the one-shot case, merged once.
 
 After every round the run's state is checkpointed (pipeline.io.round_checkpoints); a run
 killed at any moment and started again resumes from its last finished round and ends with the
-same bytes as an uninterrupted run. Per-round metrics go to results/rounds/<run>.csv (a DVC plot, one line per run)
+same bytes as an uninterrupted run. Per-round metrics go to results/rounds.csv (a DVC plot, one line per run)
 and to MLflow with step = round; the final global models go to data/federated/, are
 registered, and join evaluate's table.
 """
@@ -98,11 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     def merge_data(clients: list[int]) -> MergeData:
         return MergeData(model, [shards[i] for i in clients], data.x_val, data.y_val, None, 256, base.seed)
 
-    staged, staged_rounds = staging_dir(layout.FEDERATED), staging_dir(layout.ROUNDS)
-    metas, outs = {}, []
+    staged = staging_dir(layout.FEDERATED)
+    all_rows, metas, outs = [], {}, []
     with contextlib.ExitStack() as stack:
-        for folder in (staged, staged_rounds):  # gone if anything below fails
-            stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        stack.callback(shutil.rmtree, staged, ignore_errors=True)  # gone if anything below fails
         for name, run in cfg.runs.items():
             spec = run.model_dump()
             print_ = fingerprint(base.model_dump(), common, spec, input_hashes, k)
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                 tracker.log_metrics({**metric_values(row), "round_seconds": time.perf_counter() - started,
                                      "round_compute_seconds": computed}, step=state.round)
                 line.update(state.round, row["val_loss"], test_acc=row["test_accuracy"])
-            write_csv(staged_rounds / f"{name}.csv", rows, ROUND_COLUMNS)
+            all_rows += rows
             metas[name] = {
                 **inherited_metadata(pre_meta), "stage": "federate", "run": name, **spec, "rounds": cfg.rounds,
                 "clients": k, "config": {"base": base.model_dump(), "federate": common},
@@ -160,11 +159,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"federate: {name} ({describe(run)}) after {cfg.rounds} rounds: test accuracy "
                   f"{rows[-1]['test_accuracy']:.4f}")
         replace_dir(layout.FEDERATED, staged)
-        replace_dir(layout.ROUNDS, staged_rounds)
+        write_csv(layout.ROUNDS_CSV, all_rows, ROUND_COLUMNS)
         for name, tracker in outs:
             path = layout.FEDERATED / f"{name}.safetensors"
-            tracker.record_outputs([path, layout.rounds_csv(name)])
-            tracker.log_artifacts([layout.rounds_csv(name)])
+            tracker.record_outputs([path, layout.ROUNDS_CSV])
             if cfg.registered_model:
                 register(tracker, name, path, metas[name], cfg.registered_model, stage="federate")
     for name in cfg.runs:  # every run is in data/federated now: the checkpoints have served

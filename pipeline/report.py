@@ -33,7 +33,7 @@ tables      {layout.MODELS_CSV}, {layout.SHARDS_CSV}, {layout.PER_CLASS_CSV}, {l
              probe, kNN: linear probe and 20-NN on each model's frozen features)
             {layout.MERGE_GAP_CSV} (per merger, test split and each shard), {layout.PAIRS_CSV} and
             {layout.INTERPOLATION_CSV} (interpolation barrier, task-vector cosine, sign conflicts)
-rounds      {layout.ROUNDS}/<run>.csv (federate: per-round accuracy, loss, client drift, ensemble gap)
+rounds      {layout.ROUNDS_CSV} (federate: per-round accuracy, loss, client drift, ensemble gap)
 partition   {layout.PARTITION_CARD}
 plots       {layout.COMPARISON_PNG}, {layout.RELIABILITY_PNG}, {layout.INTERPOLATION_PNG}, {layout.PARTITION_PNG}
             dvc plots show   (writes dvc_plots/index.html)

@@ -240,9 +240,18 @@ def test_federated_runs_log_each_round_and_register_their_global_model(mlflow_cl
         history = mlflow_client.get_metric_history(r.info.run_id, "test_accuracy")
         assert [m.step for m in history] == list(range(1, rounds + 1)), name
         assert r.data.metrics["final_test_accuracy"] == history[-1].value
-    for name in runs:
-        lines = (repro_project / f"results/rounds/{name}.csv").read_text().splitlines()
-        assert len(lines) == 1 + rounds
-        assert lines[0].startswith("run,round,test_accuracy")
+    lines = (repro_project / "results/rounds.csv").read_text().splitlines()
+    assert len(lines) == 1 + rounds * len(FEDERATED) and lines[0].startswith("run,round,test_accuracy")
     model = mlflow_client.get_registered_model("mixmerge-federated")
     assert set(model.aliases) == set(runs)
+
+
+def test_dvc_draws_one_line_per_federate_run(repro_project):
+    proc = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repro_project)
+    shown = json.loads(proc.stdout)
+    assert not [e for e in shown.get("errors", []) if "rounds" in e["source"]], shown.get("errors")
+    (plot,) = [p for name, plots in shown["data"].items() if name.startswith("Global test accuracy per round")
+               for p in plots]
+    spec = plot["content"]
+    assert spec["encoding"]["color"]["field"] == "run" and spec["encoding"]["x"]["field"] == "round"
+    assert {v["run"] for v in spec["data"]["values"]} == {n.removeprefix("fed_") for n in FEDERATED}

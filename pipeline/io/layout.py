@@ -41,11 +41,9 @@ PER_CLASS_CSV = RESULTS / "per_class.csv"
 MERGE_GAP_CSV = RESULTS / "merge_gap.csv"
 PAIRS_CSV = RESULTS / "pairs.csv"
 INTERPOLATION_CSV = RESULTS / "interpolation.csv"
-ROUNDS = RESULTS / "rounds"  # federate: one CSV of per-round metrics per run (one line each in DVC's plot)
-
-
-def rounds_csv(run: str) -> Path:
-    return ROUNDS / f"{run}.csv"
+# federate: per-round metrics of every run, one table (DVC's plot draws a line per run with the
+# template .dvc/plots/by_run.json: DVC does not expand a folder in a top-level plot)
+ROUNDS_CSV = RESULTS / "rounds.csv"
 COMPARISON_PNG = RESULTS / "comparison.png"
 RELIABILITY_PNG = RESULTS / "reliability.png"
 INTERPOLATION_PNG = RESULTS / "interpolation.png"
