@@ -15,7 +15,8 @@ import torch
 from pipeline.runtime import cli, config
 from pipeline.io import layout
 from pipeline.nn.batchnorm import has_batchnorm, recalibrate
-from pipeline.io.checkpoints import load_metadata, load_tensors, md5, replace_dir, save_tensors, staging_dir
+from pipeline.io.checkpoints import (check_finite, load_metadata, load_tensors, md5, replace_dir, save_tensors,
+                                     staging_dir)
 from pipeline.methods.merge.alignment import SPECS, align_experts
 from pipeline.methods.merge.data import MergeData
 from pipeline.methods.merge import MERGERS
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         model, base_meta = load_model(layout.PRETRAINED, device)
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
         loaded = [load_tensors(f, device) for f in expert_files]
+        for f, (state, _) in zip(expert_files, loaded):  # written before the check existed, or by hand
+            check_finite(state, str(f))
         experts = [state for state, _ in loaded]
         sizes = torch.tensor([meta["shard_size"] for _, meta in loaded], dtype=torch.float32)
         weights = sizes / sizes.sum()

@@ -58,7 +58,7 @@ class Registry(Generic[F]):
         hints = typing.get_type_hints(fn, include_extras=True)  # annotations are strings (PEP 563)
         fields = {p.name: (hints[p.name], p.default) for p in inspect.signature(fn).parameters.values()
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        schema = create_model(f"{name}_options", __config__=ConfigDict(extra="forbid"), **fields)
+        schema = create_model(f"{name}_options", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
         try:
             return schema(**given).model_dump()
         except ValidationError as e:

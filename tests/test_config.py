@@ -16,7 +16,7 @@ def load_with(tmp_path, stage, dotted, value):
 
 
 def test_default_params_are_valid(tmp_path):
-    for stage in ("prepare", "pretrain", "mix_train", "merge", "evaluate"):
+    for stage in ("prepare", "pretrain", "mix_train", "merge", "federate", "evaluate"):
         base, cfg = load_with(tmp_path, stage, None, None)
         assert base.shards == [0, 1, 2, 3]
     _, merge = load_with(tmp_path, "merge", None, None)
@@ -33,7 +33,13 @@ def test_default_params_are_valid(tmp_path):
         ("mix_train", "mix_train.lr", 0, "mix_train.lr = 0: Input should be greater than 0"),
         ("mix_train", "mix_train.mixer", "blend", "mix_train.mixer = 'blend': unknown mixer 'blend'; allowed: cutmix, fmix, gridmix, manifold_mixup, mixup, none"),
         ("mix_train", "mix_train.mixer", {"mixup": 0.5, "blend": 0.5}, "unknown mixer 'blend'"),
-        ("mix_train", "mix_train.mixer", {"mixup": 0.5, "cutmix": -1}, "probability of cutmix = -1: must be a number greater than 0"),
+        ("mix_train", "mix_train.mixer", {"mixup": 0.5, "cutmix": -1}, "probability of cutmix = -1: must be a finite number greater than 0"),
+        ("mix_train", "mix_train.mixer", {"mixup": float("inf")}, "probability of mixup = inf: must be a finite number"),
+        ("mix_train", "mix_train.lr", float("inf"), "mix_train.lr = inf: Input should be a finite number"),
+        ("mix_train", "mix_train.mix_alpha", float("nan"), "mix_train.mix_alpha = nan: Input should be a finite number"),
+        ("pretrain", "pretrain.weight_decay", float("inf"), "pretrain.weight_decay = inf: Input should be a finite"),
+        ("merge", "merge.mergers", {"t": {"method": "ties", "density": float("inf")}},
+         "merge.mergers.t.density = inf: Input should be a finite number"),
         ("mix_train", "mix_train.label_smoothing", 1.0, "mix_train.label_smoothing = 1.0: Input should be less than 1"),
         ("mix_train", "mix_train.loss", "focal", "loss.method = 'focal': allowed: decoupled, rankmixup, soft_ce"),
         ("mix_train", "mix_train.loss", {"method": "decoupled", "eta": -1}, "loss.eta = -1: Input should be greater than or equal to 0"),

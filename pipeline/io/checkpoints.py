@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
+from pipeline.io.errors import NonFiniteError
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
@@ -77,7 +79,26 @@ def md5(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or +-inf, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse a model with NaN or infinite values, naming it and its first bad tensor."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise NonFiniteError(f"{what}: tensor {bad!r} holds NaN or infinite values (training diverged? "
+                             f"a smaller learning rate usually helps); refused, nothing written")
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write a checkpoint atomically; a model with NaN or infinite values is refused, so no
+    stage ever saves (and so merges or registers) a diverged model."""
+    check_finite(tensors, str(path))
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, st_save(tensors, metadata={META_KEY: json.dumps(metadata, sort_keys=True)}))
 

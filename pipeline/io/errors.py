@@ -3,3 +3,8 @@
 
 class DataError(Exception):
     """The dataset could not be found or read."""
+
+
+class NonFiniteError(DataError):
+    """A model holds NaN or infinite values (training diverged): it is never saved, merged or
+    registered."""

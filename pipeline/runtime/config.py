@@ -31,7 +31,8 @@ SECTIONS = ("base", "prepare", "pretrain", "mix_train", "merge", "federate", "ev
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` or `mix_alpha: .nan` is a bad value, refused at load
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BaseConfig(Strict):
@@ -143,8 +144,8 @@ class MixTrainConfig(OptimConfig):
                 raise ValueError("an empty mapping; give a mixer name or {name: probability}")
             for name, p in v.items():
                 MIXERS.check(name)
-                if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
-                    raise ValueError(f"probability of {name} = {p!r}: must be a number greater than 0")
+                if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p < float("inf"):
+                    raise ValueError(f"probability of {name} = {p!r}: must be a finite number greater than 0")
             return v
         if not isinstance(v, str):
             raise ValueError("must be a mixer name or a mapping {name: probability}")

@@ -1,0 +1,87 @@
+"""Faults a real user meets, on real processes: for each, what "nothing lost" means is checked.
+
+Diverged training: a model with NaN or infinite values is never saved, merged or registered;
+the stage stops with exit 2 and one line naming the model and its first bad tensor, and the
+outputs already there stay as they were.
+"""
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tests.conftest import TINY, make_project, run, set_key  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory):
+    """The tiny project up to its experts, one process per stage, as dvc repro runs them."""
+    root = make_project(tmp_path_factory.mktemp("faults"), {**TINY, "merge.registered_model": None})
+    for cmd in (["prepare"], ["pretrain"], ["mix_train", "--shard", "0", "1", "2"]):
+        proc = run([sys.executable, "-m", f"pipeline.{cmd[0]}", *cmd[1:]], root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+def with_params(root, **overrides):
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for k, v in overrides.items():
+        set_key(params, k, v)
+    path = root / "diverging.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return str(path)
+
+
+def test_a_diverged_expert_is_not_saved_and_the_earlier_one_is_kept(trained_project):
+    root = trained_project
+    expert = root / "data/experts/shard_0.safetensors"
+    before = expert.read_bytes()
+    proc = run([sys.executable, "-m", "pipeline.mix_train", "--shard", "0",
+                "--params", with_params(root, **{"mix_train.lr": 1e6})], root)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]  # beside the progress lines
+    assert len(errors) == 1 and errors[0].startswith("mix_train: error: data/experts/shard_0.safetensors: tensor")
+    assert "NaN or infinite" in errors[0] and "Traceback" not in proc.stderr
+    assert expert.read_bytes() == before, "the earlier expert is untouched"
+    assert not list((root / "data/experts").glob(".*tmp")), "no temporary file left"
+
+
+def test_merge_refuses_a_non_finite_expert_and_writes_nothing(trained_project):
+    root = trained_project
+    expert = root / "data/experts/shard_1.safetensors"
+    original = expert.read_bytes()
+    with safe_open(str(expert), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["classifier.weight"][0, 0] = float("nan")  # one NaN, as one diverged step leaves
+    try:
+        save_file(tensors, str(expert), metadata=meta)
+        proc = run([sys.executable, "-m", "pipeline.merge"], root)
+    finally:
+        expert.write_bytes(original)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data/experts/shard_1.safetensors: tensor 'classifier.weight'" in lines[0], proc.stderr
+    assert not (root / "data/merged").exists() and not list((root / "data").glob(".merged.*"))
+
+
+def test_a_diverging_federated_run_stops_at_its_round_naming_it(trained_project):
+    root = trained_project
+    params = with_params(root, **{"federate.lr": 1e6, "federate.rounds": 3, "federate.registered_model": None,
+                                  "federate.runs": {"exploding": {"algorithm": "fedavg"}}})
+    proc = run([sys.executable, "-m", "pipeline.federate", "--params", params], root)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "exploding.safetensors: tensor" in last and "NaN or infinite" in last, proc.stderr
+    assert not (root / "data/federated").exists()
+
+
+def test_the_finiteness_check_names_the_first_bad_tensor():
+    from pipeline.io.checkpoints import first_non_finite
+
+    state = {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")]), "c": torch.tensor([float("nan")]),
+             "n": torch.tensor(5)}
+    assert first_non_finite(state) == "b"
+    assert first_non_finite({"a": torch.ones(2), "n": torch.tensor(1)}) is None
