@@ -85,3 +85,70 @@ def test_the_finiteness_check_names_the_first_bad_tensor():
              "n": torch.tensor(5)}
     assert first_non_finite(state) == "b"
     assert first_non_finite({"a": torch.ones(2), "n": torch.tensor(1)}) is None
+
+
+def test_leftovers_of_a_killed_write_change_no_hash_and_are_cleared(repro_project):
+    """What a kill between a write and its rename leaves (a `.name.*.tmp` file in an output
+    folder, a `.merged.*.tmp` staging folder) leaves every stage up to date (.dvcignore), and
+    the next write clears it."""
+    import json
+
+    from pipeline.io.checkpoints import atomic_write, staging_dir
+
+    root = repro_project
+    leftover = root / "data/experts/.shard_0.safetensors.k1ll3d.tmp"
+    staging = root / "data/.merged.k1ll3d.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    staging.mkdir()
+    (staging / "fedavg.safetensors").write_bytes(b"half a model")
+    try:
+        proc = run([sys.executable, "-m", "dvc", "status", "--json"], root)
+        assert proc.returncode == 0 and json.loads(proc.stdout) == {}, proc.stdout
+    finally:
+        atomic_write(root / "data/experts/shard_0.safetensors", (root / "data/experts/shard_0.safetensors").read_bytes())
+        new = staging_dir(root / "data/merged")
+        new.rmdir()
+    assert not leftover.exists() and not staging.exists()
+
+
+def test_a_folder_swap_never_leaves_the_folder_missing(tmp_path):
+    """merge and federate swap their output folder in: at no instant may it be absent (a kill
+    there would lose it). A reader polls it through 300 swaps."""
+    import threading
+
+    from pipeline.io.checkpoints import replace_dir, staging_dir
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    missing, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if not target.exists():
+                missing.append(1)
+
+    reader = threading.Thread(target=watch)
+    reader.start()
+    try:
+        for i in range(300):
+            staged = staging_dir(target)
+            (staged / "m.safetensors").write_text(str(i))
+            replace_dir(target, staged)
+    finally:
+        done.set()
+        reader.join()
+    assert not missing and (target / "m.safetensors").read_text() == "299"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "no staging or old folder left"
+
+
+def test_a_folder_moved_aside_by_the_fallback_swap_is_put_back(tmp_path):
+    """Where the system has no atomic exchange, replace_dir renames twice; a kill between the
+    renames leaves `.merged.old` and no `merged`: the next staging puts it back."""
+    from pipeline.io.checkpoints import staging_dir
+
+    old = tmp_path / ".merged.old"
+    old.mkdir()
+    (old / "fedavg.safetensors").write_text("kept")
+    staged = staging_dir(tmp_path / "merged")
+    assert (tmp_path / "merged" / "fedavg.safetensors").read_text() == "kept" and not old.exists()
+    staged.rmdir()

@@ -8,6 +8,8 @@ the model (architecture and its arguments, normalisation, the producing config, 
 from __future__ import annotations
 
 import csv
+import errno
+import glob
 import hashlib
 import io
 import json
@@ -29,6 +31,8 @@ META_KEY = "mixmerge"  # one metadata entry: a dict of several would not keep a 
 def atomic_write(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed earlier write's
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -53,20 +57,60 @@ def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], fieldnames: list
     atomic_write(path, buf.getvalue().encode())
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where
+    the system has no such call, so the caller falls back to two renames."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
 def replace_dir(target: str | Path, staged: str | Path) -> None:
-    """Swap a fully written folder into place: the old one is moved aside, then deleted."""
+    """Swap a fully written folder into place. Where the system can (Linux), the old and the new
+    folder are exchanged in one atomic rename, so ``target`` exists at every instant; elsewhere
+    the old one is moved aside first and a later call puts it back if a kill came between the
+    two renames (see recover_dir). The old folder is deleted afterwards."""
     target, staged = Path(target), Path(staged)
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
+    if target.exists() and _exchange(staged, target):
+        shutil.rmtree(staged, ignore_errors=True)  # now holds the old folder
+        return
     if target.exists():
         os.replace(target, old)
     os.replace(staged, target)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_dir(target: str | Path) -> None:
+    """After a kill: put back a folder that replace_dir's fallback moved aside and never
+    replaced, and remove staging folders (``.<name>.*.tmp``) that a killed stage left."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def staging_dir(target: str | Path) -> Path:
+    """A fresh folder beside ``target`` to write its new contents into, after clearing what a
+    killed earlier run left (recover_dir). One stage writes one target at a time (DVC's lock)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
 
 
