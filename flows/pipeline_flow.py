@@ -4,8 +4,8 @@ DVC owns the DAG and the cache, Prefect the scheduling, concurrency and retries,
 record. For each generation of DVC's stage graph the flow asks `dvc status` which stages
 are stale and runs their commands concurrently as Prefect tasks (the K mix_train shards run
 at once; `dvc repro` would run them one by one and its repository lock forbids two repro
-processes). At the end one `dvc commit` records every stage that ran. The result is the same outputs and
-dvc.lock as `dvc repro`.
+processes). After each generation one `dvc commit` records the stages that ran in it, so a flow
+killed later keeps what finished. The result is the same outputs and dvc.lock as `dvc repro`.
 
 Run: python -m flows.pipeline_flow [--stack-shards]   (a temporary Prefect server starts if none is set)
 """
@@ -102,7 +102,8 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
     client, parent = _start_parent_run(root)
     env = {"MIXMERGE_PARENT_RUN_ID": parent}
     ran, skipped, timings = [], [], {}
-    failed_run = True
+    uncommitted: list[str] = []
+    error: BaseException | None = None
     try:
         for layer in dvc.layers(root):
             names = [s.name for s in layer]
@@ -120,22 +121,34 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
                 fut.wait()
                 if fut.state.is_completed():
                     ran += [s.name for s in unit]
+                    uncommitted += [s.name for s in unit]
                     timings[name] = fut.result()
                 else:
                     failed.append(name)
+            if uncommitted and not failed:
+                # Recorded now, not at the end: a flow killed in a later generation keeps this
+                # one's work (dvc.lock and the cache), as `dvc repro` keeps each finished stage.
+                commit_stages(str(root), uncommitted)
+                uncommitted = []
             if failed:
                 futures[failed[0]][1].result()  # re-raise the first failure
             if todo:
                 logger.info(f"ran {sorted(todo)}; up to date: {[n for n in names if n not in todo]}")
-        failed_run = False
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        # One `dvc commit` for every stage that ran, also when a later one failed, so no
-        # finished work goes unrecorded. Committing once at the end rather than per layer
-        # is safe: `dvc status` of a stage compares its deps' files with its own lock
-        # entry, never with its upstream stages' entries.
-        if ran:
-            commit_stages(str(root), ran)
-        client.set_terminated(parent, "FAILED" if failed_run else "FINISHED")
+        # What finished beside a failure is recorded too. A failing commit here must not hide
+        # the error that got us here: it is logged, and the original one propagates.
+        try:
+            if uncommitted:
+                commit_stages(str(root), uncommitted)
+        except Exception as commit_error:  # noqa: BLE001
+            if error is None:
+                raise
+            logger.error(f"dvc commit of {uncommitted} failed as well: {commit_error}")
+        finally:
+            client.set_terminated(parent, "FAILED" if error is not None else "FINISHED")
     return {"ran": ran, "skipped": skipped, "timings": timings, "mlflow_parent_run": parent}
 
 

@@ -152,3 +152,38 @@ def test_a_folder_moved_aside_by_the_fallback_swap_is_put_back(tmp_path):
     staged = staging_dir(tmp_path / "merged")
     assert (tmp_path / "merged" / "fedavg.safetensors").read_text() == "kept" and not old.exists()
     staged.rmdir()
+
+
+def test_a_flow_killed_mid_pipeline_keeps_the_stages_it_finished(tmp_path):
+    """SIGKILL of the whole flow (its process group: the flow and its temporary Prefect server)
+    once pretrain is recorded: prepare and pretrain stay in dvc.lock and up to date, so the
+    rerun does not compute them again."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from tests.conftest import subprocess_env
+
+    root = make_project(tmp_path, {**TINY, "mix_train.epochs": 30})  # mix_train long enough to be killed in
+    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline_flow", "--project-dir", str(root)], cwd=root,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    lock, deadline = root / "dvc.lock", time.time() + 300
+    try:
+        while time.time() < deadline and flow.poll() is None:
+            if lock.exists() and "pretrain" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(flow.pid, signal.SIGKILL)
+        flow.wait()
+    assert flow.returncode == -signal.SIGKILL, "killed mid-way, not finished"
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    assert {"prepare", "pretrain"} <= set(stages) and not any(s.startswith("mix_train") for s in stages)
+    status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], root).stdout)
+    assert "prepare" not in status and "pretrain" not in status
+    assert {f"mix_train@{k}" for k in range(len(TINY["base.shards"]))} <= set(status)
