@@ -24,6 +24,9 @@ from pathlib import Path
 # MLflow's table-creation chatter is not the user's business either.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+from pipeline.runtime.tracking_env import bounded_tracking_waits  # noqa: E402
+
+bounded_tracking_waits()  # a tracking server that is down fails the flow in seconds, in one line
 
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -99,7 +102,13 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
-    client, parent = _start_parent_run(root)
+    try:
+        client, parent = _start_parent_run(root)
+    except Exception as e:  # noqa: BLE001  (MLflow, requests and SQLAlchemy errors alike)
+        from pipeline.io.tracking import tracking_uri
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RuntimeError(f"tracking store {tracking_uri(root)} is unreachable or unusable: {first}") from None
     env = {"MIXMERGE_PARENT_RUN_ID": parent}
     ran, skipped, timings = [], [], {}
     uncommitted: list[str] = []

@@ -187,3 +187,31 @@ def test_a_flow_killed_mid_pipeline_keeps_the_stages_it_finished(tmp_path):
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], root).stdout)
     assert "prepare" not in status and "pretrain" not in status
     assert {f"mix_train@{k}" for k in range(len(TINY["base.shards"]))} <= set(status)
+
+
+@pytest.mark.parametrize("store", ["down", "garbage", "truncated"])
+def test_a_tracking_store_that_is_down_or_corrupt_stops_a_stage_in_seconds_in_one_line(tmp_path, store):
+    """Before any computation: exit 75 (try again later), one line naming the store, nothing
+    written, within seconds (MLflow's own defaults waited 256 s and printed 116 lines)."""
+    import socket
+    import time
+
+    root = make_project(tmp_path, TINY)
+    env = {}
+    if store == "down":
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env["MLFLOW_TRACKING_URI"] = uri = f"http://127.0.0.1:{port}"
+    else:
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        (root / "mlflow.db").write_bytes(b"\x00garbage" * 4096 if store == "garbage" else
+                                         b"SQLite format 3\x00" + b"\x10\x00\x01\x01" + b"\x00" * 200)
+    started = time.time()
+    proc = run([sys.executable, "-m", "pipeline.prepare"], root, **env)
+    elapsed = time.time() - started
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"prepare: error: tracking store {uri} is unreachable"), proc.stderr
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    assert not (root / "data/prepared/dataset.safetensors").exists()

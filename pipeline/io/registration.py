@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 
-from pipeline.io.tracking import Tracker
+from pipeline.io.tracking import Tracker, store_guarded
 
 
+@store_guarded
 def register(tracker: Tracker, name: str, path, meta: dict, registered_model: str, stage: str) -> str:
     """Log a models-from-code pyfunc (pipeline/io/serving.py) with the checkpoint as artifact,
     register it under ``registered_model`` and alias the version ``name``."""

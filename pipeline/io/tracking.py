@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.io.checkpoints import md5
+from pipeline.io.errors import DataError, TrackingUnavailable
 
 EXPERIMENT_ENV = "MIXMERGE_EXPERIMENT"
 PARENT_ENV = "MIXMERGE_PARENT_RUN_ID"
@@ -86,22 +87,49 @@ def start_pipeline_run(client, experiment_id: str, key: str, tags: dict[str, str
     )
 
 
+def store_guarded(fn):
+    """A tracking call that fails (store down, timed out, corrupt, read-only) becomes one
+    TrackingUnavailable naming the store, instead of minutes of retries and a long traceback:
+    MLflow's HTTP retries are bounded (pipeline.runtime.cli.bounded_tracking_waits)."""
+    import functools
+
+    @functools.wraps(fn)
+    def guarded(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except (TrackingUnavailable, DataError):
+            raise
+        except Exception as e:  # noqa: BLE001  (MLflow, requests and SQLAlchemy errors alike)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise TrackingUnavailable(f"tracking store {self.uri} is unreachable or unusable "
+                                      f"({type(e).__name__}: {first})") from None
+
+    return guarded
+
+
 class Tracker:
-    """One child run for one stage (or shard) of the pipeline."""
+    """One child run for one stage (or shard) of the pipeline. Every call to the store is
+    guarded (store_guarded): an outage stops the stage in seconds with one line."""
 
     def __init__(self, stage: str, run_name: str, root: str | Path = ".", params_file: str | Path = "params.yaml"):
+        self.root = Path(root)
+        self.uri = tracking_uri(self.root)
+        self._connect(stage, run_name, params_file)
+
+    @store_guarded
+    def _connect(self, stage: str, run_name: str, params_file: str | Path) -> None:
         import mlflow  # imported here: it costs seconds, and pure code never needs it
         from mlflow import MlflowClient
 
         self.mlflow, self.stage, self.run_name = mlflow, stage, run_name
-        self.root = Path(root)
         self.params_file = Path(params_file)
-        mlflow.set_tracking_uri(tracking_uri(self.root))
+        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient()
         self.experiment_id = ensure_experiment(self.client, self.root)
         self.run_id: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
+    @store_guarded
     def __enter__(self) -> "Tracker":
         commit = git_commit(self.root)
         parent = os.environ.get(PARENT_ENV) or self._find_or_create_parent(commit)
@@ -119,8 +147,15 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+        if exc_type is TrackingUnavailable:
+            return  # the store is gone: marking the run would only wait for it again
+        self._terminate("FAILED" if exc_type else "FINISHED")
 
+    @store_guarded
+    def _terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    @store_guarded
     def _find_or_create_parent(self, commit: str) -> str:
         params = self.params_file.read_bytes() if self.params_file.exists() else b""
         key = hashlib.sha256(commit.encode() + b"\0" + params).hexdigest()[:16]
@@ -136,6 +171,7 @@ class Tracker:
         return run.info.run_id
 
     # -- logging ---------------------------------------------------------------------------
+    @store_guarded
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -144,9 +180,11 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    @store_guarded
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.log_history({k: [v] for k, v in flatten(metrics).items()}, first_step=step)
 
+    @store_guarded
     def log_history(self, series: dict[str, list[float]], first_step: int = 1) -> None:
         """Per-epoch series, all sent in as few log_batch calls as MLflow allows."""
         from mlflow.entities import Metric
@@ -160,10 +198,12 @@ class Tracker:
         for i in range(0, len(items), 1000):  # MLflow's per-batch limit
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
+    @store_guarded
     def log_artifacts(self, paths: Iterable[str | Path], subdir: str | None = None) -> None:
         for p in paths:
             self.client.log_artifact(self.run_id, str(p), artifact_path=subdir)
 
+    @store_guarded
     def log_dataset(self, name: str, path: str | Path, digest: str, context: str) -> None:
         """Record a dataset input by name, source file and our own content digest."""
         from mlflow.data.meta_dataset import MetaDataset
@@ -177,6 +217,7 @@ class Tracker:
         )
 
     # -- lineage ---------------------------------------------------------------------------
+    @store_guarded
     def record_inputs(self, files: Iterable[str | Path]) -> dict[str, str]:
         """Tag each input's md5 and the run that produced it, and the md5 of every pipeline
         source file this process has loaded; returns {path: producing run id}."""
@@ -195,9 +236,11 @@ class Tracker:
         self._set_tags(tags)
         return producers
 
+    @store_guarded
     def record_outputs(self, files: Iterable[str | Path]) -> None:
         self._set_tags({f"mixmerge.out.{f}": md5(f) for f in files})
 
+    @store_guarded
     def producer_of(self, path: str, digest: str) -> str | None:
         """The latest finished run whose out tag says it wrote this exact file content."""
         found = self.client.search_runs(
@@ -208,6 +251,7 @@ class Tracker:
         )
         return found[0].info.run_id if found else None
 
+    @store_guarded
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from pipeline.runtime.allocator import keep_freed_memory
-from pipeline.io.errors import DataError
+from pipeline.runtime.tracking_env import bounded_tracking_waits, quiet_mlflow
+from pipeline.io.errors import DataError, TrackingUnavailable
 from pipeline.runtime.errors import ConfigError
 
 EXIT_BAD_CONFIG = 2
@@ -23,20 +24,21 @@ def parser(stage: str) -> argparse.ArgumentParser:
     return p
 
 
-def quiet_mlflow() -> None:
-    """MLflow's INFO chatter and artifact progress bars would bury the stage's own lines."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+EXIT_TRACKING_UNAVAILABLE = 75  # EX_TEMPFAIL: the tracking store is down; try again later
 
 
 def run(stage: str, main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Call a stage's main; a ConfigError or DataError becomes one line on stderr and exit 2."""
     quiet_mlflow()
+    bounded_tracking_waits()
     try:
         main(argv)
     except (ConfigError, DataError) as e:
         print(f"{stage}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+    except TrackingUnavailable as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_TRACKING_UNAVAILABLE)
 
 
 def resolve_device(name: str) -> torch.device:
