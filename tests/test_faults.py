@@ -215,3 +215,35 @@ def test_a_tracking_store_that_is_down_or_corrupt_stops_a_stage_in_seconds_in_on
     assert len(lines) == 1 and lines[0].startswith(f"prepare: error: tracking store {uri} is unreachable"), proc.stderr
     assert elapsed < 60, f"{elapsed:.0f} s"
     assert not (root / "data/prepared/dataset.safetensors").exists()
+
+
+def test_a_corrupt_checkpoint_is_named_in_one_line(trained_project):
+    root = trained_project
+    expert = root / "data/experts/shard_2.safetensors"
+    original = expert.read_bytes()
+    try:
+        expert.write_bytes(original[: len(original) // 2])  # truncated, as a full disk leaves it
+        proc = run([sys.executable, "-m", "pipeline.merge"], root)
+    finally:
+        expert.write_bytes(original)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("merge: error: data/experts/shard_2.safetensors: not a readable"), lines
+
+
+def test_outputs_follow_the_umask_as_dvcs_do(trained_project):
+    import stat
+
+    from pipeline.io.checkpoints import _umask
+
+    for path in (root := trained_project) / "data/experts/shard_0.safetensors", root / "data/prepared/partition.json":
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask(), path
+
+
+def test_a_yaml_error_names_its_line(tmp_path):
+    from pipeline.runtime import config
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text("base:\n  seed: 0\nmix_train:\n  lr: [0.1\n  epochs: 3\n")
+    with pytest.raises(config.ConfigError, match=r"not valid YAML at line \d+, column \d+"):
+        config.read_params(bad)

@@ -21,11 +21,20 @@ from typing import Any, Iterable
 
 import torch
 
-from pipeline.io.errors import NonFiniteError
+from pipeline.io.errors import DataError, NonFiniteError
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-META_KEY = "mixmerge"  # one metadata entry: a dict of several would not keep a stable order
+META_KEY = "mixmerge"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once: os.umask can only be read by setting it  # one metadata entry: a dict of several would not keep a stable order
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -38,6 +47,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; outputs get the umask's mode, as DVC's
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -111,7 +121,9 @@ def staging_dir(target: str | Path) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(target)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    staged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    staged.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output folder gets the umask's mode
+    return staged
 
 
 def md5(path: str | Path) -> str:
@@ -147,13 +159,30 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     atomic_write(path, st_save(tensors, metadata={META_KEY: json.dumps(metadata, sort_keys=True)}))
 
 
+def _unreadable(path, e: Exception) -> DataError:
+    """A truncated, corrupt or foreign file, named: safetensors' own errors do not say which."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return DataError(f"{path}: not a readable mixmerge checkpoint ({type(e).__name__}: {first}); "
+                     f"rerun the stage that writes it")
+
+
 def load_metadata(path: str | Path) -> dict[str, Any]:
     """A checkpoint's metadata alone, without reading its tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise _unreadable(path, e) from None
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, e) from None

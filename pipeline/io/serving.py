@@ -1,7 +1,8 @@
 """MLflow pyfunc model defined from code: loading it executes this file, never unpickles.
 
 ``mlflow.pyfunc.load_model("models:/<name>@<alias>").predict(images)`` takes a float
-array of raw images in [0, 1], shaped (N, C, H, W) or (N, H, W) for one channel, applies
+array of raw images in [0, 1], shaped (N, C, H, W) (the logged signature enforces it; the
+model itself also takes (N, H, W) for one channel when called without the signature), applies
 the normalisation stored in the checkpoint, and returns (N, num_classes) probabilities.
 """
 from __future__ import annotations

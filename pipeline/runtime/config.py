@@ -363,7 +363,10 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found")
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of sections {', '.join(SECTIONS)}")
     unknown = sorted(set(raw) - set(SECTIONS))
