@@ -7,7 +7,7 @@ at once; `dvc repro` would run them one by one and its repository lock forbids t
 processes). After each generation one `dvc commit` records the stages that ran in it, so a flow
 killed later keeps what finished. The result is the same outputs and dvc.lock as `dvc repro`.
 
-Run: python -m flows.pipeline_flow [--stack-shards]   (a temporary Prefect server starts if none is set)
+Run: python -m flows.pipeline_flow [--stack-shards]   (a Prefect server of its own starts if none is set)
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_commands as dvc
+from flows.local_server import die_with_parent
 
 EXIT_BAD_CONFIG = 2
 
@@ -54,8 +55,9 @@ def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[st
     start = time.time()
     # Split as a shell would, run without one: no parameter that reaches a command (dvc.yaml's
     # ${item}) can become shell syntax.
+    # The stage dies with the flow (parent-death signal): a killed flow leaves no stage running on.
     proc = subprocess.run(shlex.split(stage.cmd), cwd=root, env=dvc.stage_env(env_extra),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, preexec_fn=die_with_parent)
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip():
             logger.info(line)
@@ -169,6 +171,9 @@ if __name__ == "__main__":
     cli.add_argument("--stack-shards", action="store_true",
                      help="train all stale shards in one stacked process (equal within float tolerance)")
     args = cli.parse_args()
-    summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards)
+    from flows.local_server import prefect_api
+
+    with prefect_api():  # a server of this run's own when PREFECT_API_URL is not set
+        summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards)
     print(f"ran: {', '.join(summary['ran']) or 'nothing'}; up to date: {', '.join(summary['skipped']) or 'nothing'}")
     sys.exit(0)

@@ -323,4 +323,7 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=int, default=2, help="cells run at once (each uses base.torch_threads cores)")
     p.add_argument("--out", default="sweeps", help="folder for the cells and the summary (default: sweeps)")
     args = p.parse_args()
-    mixmerge_sweep(grid=args.grid, workers=args.workers, out_dir=args.out)
+    from flows.local_server import prefect_api
+
+    with prefect_api():  # a server of this run's own when PREFECT_API_URL is not set
+        mixmerge_sweep(grid=args.grid, workers=args.workers, out_dir=args.out)

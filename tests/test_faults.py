@@ -154,13 +154,15 @@ def test_a_folder_moved_aside_by_the_fallback_swap_is_put_back(tmp_path):
     staged.rmdir()
 
 
-def test_a_flow_killed_mid_pipeline_keeps_the_stages_it_finished(tmp_path):
-    """SIGKILL of the whole flow (its process group: the flow and its temporary Prefect server)
-    once pretrain is recorded: prepare and pretrain stay in dvc.lock and up to date, so the
-    rerun does not compute them again."""
+def test_a_flow_killed_mid_pipeline_keeps_what_it_finished_and_leaves_nothing_running(tmp_path):
+    """SIGKILL of the flow's process alone, once pretrain is recorded and mix_train runs:
+    prepare and pretrain stay in dvc.lock and up to date (the rerun does not compute them
+    again), its Prefect server stops listening and no stage process runs on."""
     import json
     import os
+    import re
     import signal
+    import socket
     import subprocess
     import time
 
@@ -169,17 +171,19 @@ def test_a_flow_killed_mid_pipeline_keeps_the_stages_it_finished(tmp_path):
     from tests.conftest import subprocess_env
 
     root = make_project(tmp_path, {**TINY, "mix_train.epochs": 30})  # mix_train long enough to be killed in
-    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline_flow", "--project-dir", str(root)], cwd=root,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "flow.log"
+    with open(log, "w") as out:
+        flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline_flow", "--project-dir", str(root)], cwd=root,
+                                env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
     lock, deadline = root / "dvc.lock", time.time() + 300
     try:
         while time.time() < deadline and flow.poll() is None:
             if lock.exists() and "pretrain" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
                 break
             time.sleep(0.2)
+        time.sleep(1.0)  # mix_train's processes are running now
     finally:
-        os.killpg(flow.pid, signal.SIGKILL)
+        os.kill(flow.pid, signal.SIGKILL)
         flow.wait()
     assert flow.returncode == -signal.SIGKILL, "killed mid-way, not finished"
     stages = yaml.safe_load(lock.read_text())["stages"]
@@ -187,6 +191,28 @@ def test_a_flow_killed_mid_pipeline_keeps_the_stages_it_finished(tmp_path):
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], root).stdout)
     assert "prepare" not in status and "pretrain" not in status
     assert {f"mix_train@{k}" for k in range(len(TINY["base.shards"]))} <= set(status)
+
+    port = int(re.search(r"Prefect server for this run: http://127.0.0.1:(\d+)", log.read_text()).group(1))
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    def stages_running() -> list[int]:
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink(f"/proc/{pid}/cwd") == str(root) and b"pipeline." in open(f"/proc/{pid}/cmdline", "rb").read():
+                    pids.append(int(pid))
+            except OSError:
+                continue
+        return pids
+
+    deadline = time.time() + 15
+    while time.time() < deadline and (listening() or stages_running()):
+        time.sleep(0.2)
+    assert not listening(), "the flow's Prefect server still listens"
+    assert not stages_running(), "a stage process outlived the flow"
 
 
 @pytest.mark.parametrize("store", ["down", "garbage", "truncated"])
