@@ -42,8 +42,7 @@ from pipeline.runtime import cli, config
 from pipeline.runtime.progress import Progress
 from pipeline.train.combine import combine, merger_takes
 from pipeline.train.loop import Schedule
-from pipeline.train.rounds import Federation, RoundState, gossip, run_round
-from pipeline.train.engine import train_models
+from pipeline.train.rounds import Federation, RoundState, run_decentralised_round, run_round
 
 ROUND_COLUMNS = ["run", "round", "test_accuracy", "val_accuracy", "test_loss", "val_loss", "mean_cosine",
                  "sign_conflict", "ensemble_gap", "clients", "node_test_accuracy"]
@@ -182,10 +181,9 @@ def decentralised_round(model, state: RoundState, sources, recipe_for, generator
     k = len(sources)
     nodes = [state.client_states[i] for i in range(k)]
     start = {n: torch.stack([s[n].float() for s in nodes]).mean(0) for n in nodes[0]}
-    trained, _ = train_models(model, nodes, sources, [recipe_for(i, state.round) for i in range(k)], schedule,
-                              [generator_for(i, state.round) for i in range(k)], device)
     mixing = TOPOLOGIES[run.topology](k, state.round, seed, **({"peers": run.peers} if run.topology == "random" else {}))
-    nodes = gossip(trained, mixing)
+    trained, nodes = run_decentralised_round(model, nodes, state.round, sources, recipe_for, generator_for, schedule,
+                                             mixing, device)
     weights = torch.tensor([float(s) for s in sizes])
     merged = combine(run.final_merge.method, nodes, init, weights / weights.sum(), run.final_merge.options,
                      data=merge_data(list(range(k))) if merger_takes(run.final_merge.method, "data") else None,

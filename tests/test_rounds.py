@@ -332,3 +332,37 @@ def test_fedadam_server_step_as_flowers_fedadam_computes_it():
         state, buffer = server_step(state, {"w": torch.tensor(agg, dtype=torch.float32)}, buffer, eta, b1, {"w"},
                                     "adam", b2, tau)
         assert np.allclose(state["w"].numpy(), w, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,k,options", [("ring", 5, {}), ("torus", 12, {}), ("random", 9, {"peers": 2}),
+                                            ("complete", 4, {}), ("none", 3, {})])
+def test_topologies_are_symmetric_doubly_stochastic_on_their_graph(name, k, options):
+    from pipeline.methods.federated import TOPOLOGIES
+
+    w = TOPOLOGIES[name](k, 3, 0, **options)
+    assert w.shape == (k, k) and torch.allclose(w, w.T) and (w >= 0).all()
+    assert torch.allclose(w.sum(0), torch.ones(k, dtype=w.dtype)) and torch.allclose(w.sum(1), torch.ones(k, dtype=w.dtype))
+    neighbours = ((w > 0).sum(1) - 1).tolist()
+    expected = {"ring": [2] * k, "torus": [4] * k, "complete": [k - 1] * k, "none": [0] * k}
+    if name in expected:
+        assert neighbours == expected[name]
+    else:  # each node drew 2 peers; links are two-way
+        assert min(neighbours) >= 2
+        assert torch.equal(w, TOPOLOGIES[name](k, 3, 0, **options)) and not torch.equal(w, TOPOLOGIES[name](k, 4, 0, **options))
+    if name == "ring":
+        assert [float(w[0, j]) for j in (0, 1, k - 1)] == pytest.approx([1 / 3] * 3)
+
+
+def test_gossip_applies_the_mixing_matrix_and_keeps_the_average():
+    from pipeline.methods.federated import TOPOLOGIES
+    from pipeline.train.rounds import gossip
+
+    g = torch.Generator().manual_seed(7)
+    nodes = [{"w": torch.randn(3, 2, generator=g), "n": torch.tensor(i)} for i in range(5)]
+    w = TOPOLOGIES["ring"](5, 0, 0)
+    mixed = gossip(nodes, w)
+    for i in range(5):
+        expected = sum(float(w[i, j]) * nodes[j]["w"] for j in range(5))
+        assert torch.allclose(mixed[i]["w"], expected, atol=1e-6) and mixed[i]["n"].item() == i
+    assert torch.allclose(torch.stack([m["w"] for m in mixed]).mean(0), torch.stack([n["w"] for n in nodes]).mean(0),
+                          atol=1e-6)

@@ -184,9 +184,10 @@ def run_decentralised_round(
     device: torch.device,
     *,
     stack: bool | None = None,
-) -> list[StateDict]:
+) -> tuple[list[StateDict], list[StateDict]]:
     """Decentralised learning, one round: every node trains from its own state on its own
-    shard (stacked), then one gossip step with the round's K x K mixing matrix."""
+    shard (stacked), then one gossip step with the round's K x K mixing matrix. Returns the
+    trained nodes (before gossip) and the nodes after it."""
     trained, _ = train_models(model, nodes, sources, [recipe_for(i, round_) for i in range(len(nodes))], schedule,
                               [generator_for(i, round_) for i in range(len(nodes))], device, stack=stack)
-    return gossip(trained, mixing)
+    return trained, gossip(trained, mixing)
