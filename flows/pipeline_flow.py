@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -88,9 +89,32 @@ def _start_parent_run(root: Path) -> tuple[object, str]:
     commit = git_commit(root)
     params = (root / "params.yaml").read_bytes()
     key = hashlib.sha256(commit.encode() + b"\0" + params).hexdigest()[:16]
-    run = start_pipeline_run(client, ensure_experiment(client, root), key,
-                             {"mixmerge.git_commit": commit, "mixmerge.orchestrator": "prefect"})
+    experiment = ensure_experiment(client, root)
+    _close_orphaned_parents(client, experiment)
+    run = start_pipeline_run(client, experiment, key,
+                             {"mixmerge.git_commit": commit, "mixmerge.orchestrator": "prefect",
+                              "mixmerge.flow_host": socket.gethostname(), "mixmerge.flow_pid": str(os.getpid())})
     return client, run.info.run_id
+
+
+def _close_orphaned_parents(client, experiment: str) -> None:
+    """A flow killed with SIGKILL cannot mark its parent run: the next flow on the same machine
+    marks as KILLED every parent run still RUNNING whose flow process no longer exists."""
+    running = client.search_runs(
+        [experiment], max_results=1000,
+        filter_string=(f"tags.`mixmerge.role` = 'pipeline' and attributes.status = 'RUNNING' "
+                       f"and tags.`mixmerge.flow_host` = '{socket.gethostname()}'"))
+    for r in running:
+        pid = int(r.data.tags.get("mixmerge.flow_pid", "0") or 0)
+        try:
+            os.kill(pid, 0)  # signal 0: does the process exist?
+            alive = pid > 0
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # exists, another user's
+            alive = True
+        if not alive:
+            client.set_terminated(r.info.run_id, "KILLED")
 
 
 @flow(name="mixmerge-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)

@@ -214,6 +214,17 @@ def test_a_flow_killed_mid_pipeline_keeps_what_it_finished_and_leaves_nothing_ru
     assert not listening(), "the flow's Prefect server still listens"
     assert not stages_running(), "a stage process outlived the flow"
 
+    # the next flow finishes the work, starting at mix_train, and marks the killed flow's parent run KILLED
+    again = run([sys.executable, "-m", "flows.pipeline_flow", "--project-dir", str(root)], root)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert "ran: federate, mix_train@0" in again.stdout and "up to date: prepare, pretrain" in again.stdout
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    parents = client.search_runs([client.get_experiment_by_name("mixmerge").experiment_id],
+                                 filter_string="tags.`mixmerge.role` = 'pipeline'")
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
+
 
 @pytest.mark.parametrize("store", ["down", "garbage", "truncated"])
 def test_a_tracking_store_that_is_down_or_corrupt_stops_a_stage_in_seconds_in_one_line(tmp_path, store):
