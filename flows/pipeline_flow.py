@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -42,9 +43,14 @@ class StageConfigError(RuntimeError):
     """A stage refused its configuration (exit 2): retrying cannot help."""
 
 
+class StageInterrupted(RuntimeError):
+    """The stage was stopped by SIGINT or SIGTERM (Ctrl-C in the terminal reaches the whole
+    process group): the user wants the run to stop, not to be retried."""
+
+
 def _retry_unless_bad_config(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, StageConfigError)
+    return not isinstance(exc, (StageConfigError, StageInterrupted))
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_config,
@@ -59,6 +65,9 @@ def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[st
     # The stage dies with the flow (parent-death signal): a killed flow leaves no stage running on.
     proc = subprocess.run(shlex.split(stage.cmd), cwd=root, env=dvc.stage_env(env_extra),
                           capture_output=True, text=True, preexec_fn=die_with_parent)
+    if proc.returncode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+        # Ctrl-C: the stage's KeyboardInterrupt traceback says nothing the user does not know
+        raise StageInterrupted(f"{stage.name}: interrupted (signal); the stages that finished are recorded")
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip():
             logger.info(line)
@@ -197,7 +206,11 @@ if __name__ == "__main__":
     args = cli.parse_args()
     from flows.local_server import prefect_api
 
-    with prefect_api():  # a server of this run's own when PREFECT_API_URL is not set
-        summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards)
+    try:
+        with prefect_api():  # a server of this run's own when PREFECT_API_URL is not set
+            summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards)
+    except KeyboardInterrupt:  # Ctrl-C: the stages got it too and stopped; the server is stopped
+        print("interrupted: the stages that finished are recorded in dvc.lock", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     print(f"ran: {', '.join(summary['ran']) or 'nothing'}; up to date: {', '.join(summary['skipped']) or 'nothing'}")
     sys.exit(0)

@@ -284,3 +284,40 @@ def test_a_yaml_error_names_its_line(tmp_path):
     bad.write_text("base:\n  seed: 0\nmix_train:\n  lr: [0.1\n  epochs: 3\n")
     with pytest.raises(config.ConfigError, match=r"not valid YAML at line \d+, column \d+"):
         config.read_params(bad)
+
+
+def test_ctrl_c_stops_the_flow_in_seconds_in_one_line_keeping_what_finished(tmp_path):
+    """SIGINT to the flow's process group, as Ctrl-C in a terminal sends it, while mix_train
+    runs: the stages stop and are not retried, the flow exits 130 within seconds with one line,
+    prepare and pretrain stay recorded, and no process of the run is left."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from tests.conftest import subprocess_env
+
+    root = make_project(tmp_path, {**TINY, "mix_train.epochs": 400})
+    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline_flow", "--project-dir", str(root)], cwd=root,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    lock, deadline = root / "dvc.lock", time.time() + 300
+    while time.time() < deadline and flow.poll() is None:
+        if lock.exists() and "pretrain" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
+            break
+        time.sleep(0.2)
+    time.sleep(2.0)  # mix_train's processes are running now
+    os.killpg(flow.pid, signal.SIGINT)
+    started = time.time()
+    try:
+        _, stderr = flow.communicate(timeout=60)
+    finally:
+        if flow.poll() is None:
+            os.killpg(flow.pid, signal.SIGKILL)
+    assert flow.returncode == 130 and time.time() - started < 30
+    assert stderr.strip().splitlines()[-1] == "interrupted: the stages that finished are recorded in dvc.lock"
+    assert "Traceback" not in stderr
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    assert {"prepare", "pretrain"} <= set(stages) and not any(s.startswith("mix_train") for s in stages)
