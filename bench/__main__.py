@@ -160,15 +160,20 @@ def copy_bandwidth(device, repeats, mib=512) -> float:
     return 2 * src.numel() * 4 / t
 
 
+def resnet18_copies(device, k: int):
+    """A ResNet-18 state, K slightly perturbed copies of it, uniform weights and one model's
+    bytes: the inputs of the merging and aggregation rows."""
+    torch.manual_seed(0)
+    base = {n: t.to(device) for n, t in build("resnet18_cifar", 3, 10, 64).state_dict().items()}
+    copies = [{n: t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t for n, t in base.items()}
+              for _ in range(k)]
+    return base, copies, torch.full((k,), 1.0 / k), sum(t.numel() * t.element_size() for t in base.values())
+
+
 def bench_merge(device, repeats, k=8):
     """TIES and DARE vs a plain average of the same K ResNet-18 checkpoints, and the share of
     the machine's copy bandwidth each achieves (bytes read + written / time)."""
-    torch.manual_seed(0)
-    base = {n: t.to(device) for n, t in build("resnet18_cifar", 3, 10, 64).state_dict().items()}
-    experts = [{n: t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t for n, t in base.items()}
-               for _ in range(k)]
-    weights = torch.full((k,), 1.0 / k)
-    model_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    base, experts, weights, model_bytes = resnet18_copies(device, k)
     t_avg = best_of(lambda: MERGERS["uniform"](experts, base, weights), repeats, device)
     bw = copy_bandwidth(device, repeats)
     averaged = (k + 1) * model_bytes  # K experts read, one model written

@@ -96,15 +96,10 @@ def bench_round_overhead(device, repeats):
 def bench_aggregation(device, repeats, k=20):
     """FedAvg of K ResNet-18 clients (the aggregator every round runs) vs the machine's copy
     bandwidth: bytes read (K clients) + written (one model) per second, as a share."""
-    from bench.__main__ import best_of, copy_bandwidth, row
+    from bench.__main__ import best_of, copy_bandwidth, resnet18_copies, row
     from pipeline.train.combine import combine
 
-    torch.manual_seed(0)
-    base = {n: t.to(device) for n, t in build("resnet18_cifar", 3, 10, 64).state_dict().items()}
-    clients = [{n: t + 0.01 * torch.randn_like(t) if t.is_floating_point() else t for n, t in base.items()}
-               for _ in range(k)]
-    weights = torch.full((k,), 1.0 / k)
-    model_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    base, clients, weights, model_bytes = resnet18_copies(device, k)
     moved = (k + 1) * model_bytes
     bw = copy_bandwidth(device, repeats)
     copy_time = moved / bw  # the time the bytes take at copy bandwidth

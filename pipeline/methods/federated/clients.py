@@ -68,6 +68,17 @@ def _rows(members: list[int], device) -> torch.Tensor:
     return torch.tensor(members, device=device)
 
 
+def _per_client(client_states: list[StateDict], prefix: str, like: StateDict) -> StateDict:
+    """The clients' state tensors ``<prefix>.<name>``, stacked (zeros for a client without)."""
+    return _stacked([{n: s.get(f"{prefix}.{n}", torch.zeros_like(t)) for n, t in like.items()}
+                     for s in client_states], list(like))
+
+
+def _inner(vectors: StateDict, params: StateDict) -> torch.Tensor:
+    """(m,): each client's <v, w> over all parameters; v carries no gradient."""
+    return sum((vectors[n].detach() * p).flatten(1).sum(1) for n, p in params.items())
+
+
 class ClientAlgorithm:
     """FedAvg's client (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
     from Decentralized Data"): plain local training from the global model, no state. The base
@@ -127,19 +138,14 @@ class Scaffold(ClientAlgorithm):
         self.adaptive_division = adaptive_division
 
     def local_terms(self, global_params, client_states, server_state):
-        names = list(global_params)
-        c = {n: server_state.get(f"c.{n}", torch.zeros_like(global_params[n])) for n in names}
-        c_i = _stacked([{n: s.get(f"c.{n}", torch.zeros_like(global_params[n])) for n in names}
-                        for s in client_states], names)
+        c = {n: server_state.get(f"c.{n}", torch.zeros_like(g)) for n, g in global_params.items()}
+        correction = {n: c[n].unsqueeze(0) - c_i for n, c_i in _per_client(client_states, "c", global_params).items()}
 
         def penalty(params: StateDict, members: list[int]) -> torch.Tensor:
             # <c - c_i, w>: its gradient, c - c_i, is the correction SCAFFOLD adds to each step's
             # gradient before the optimiser (weight decay and momentum) sees it.
             rows = _rows(members, next(iter(params.values())).device)
-            total = 0
-            for n, p in params.items():
-                total = total + ((c[n].unsqueeze(0) - c_i[n][rows]).detach() * p).flatten(1).sum(1)
-            return total
+            return _inner({n: v[rows] for n, v in correction.items()}, params)
 
         return LocalTerms(penalty=penalty)
 
@@ -188,17 +194,13 @@ class FedDyn(ClientAlgorithm):
         self.alpha = alpha
 
     def local_terms(self, global_params, client_states, server_state):
-        names = list(global_params)
-        grads = _stacked([{n: s.get(f"grad.{n}", torch.zeros_like(global_params[n])) for n in names}
-                          for s in client_states], names)
+        grads = _per_client(client_states, "grad", global_params)
+        proximal = FedProx(self.alpha).local_terms(global_params, client_states, server_state).penalty
 
         def penalty(params: StateDict, members: list[int]) -> torch.Tensor:
+            # - <grad_i, w> + alpha/2 ||w - w_global||^2 (FedProx's term with mu = alpha)
             rows = _rows(members, next(iter(params.values())).device)
-            linear, square = 0, 0
-            for n, p in params.items():
-                linear = linear + (grads[n][rows].detach() * p).flatten(1).sum(1)
-                square = square + (global_params[n].unsqueeze(0) - p).pow(2).flatten(1).sum(1)
-            return -linear + 0.5 * self.alpha * square
+            return -_inner({n: v[rows] for n, v in grads.items()}, params) + proximal(params, members)
 
         return LocalTerms(penalty=penalty)
 
