@@ -32,6 +32,9 @@ def make_project(dest: Path, overrides: dict) -> Path:
     for f in project_files():
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dest / f)
+    page = REPO / ".dvc" / "offline_plots.html"  # generated (git-ignored): `dvc plots show` needs it
+    if page.exists():
+        shutil.copy2(page, dest / ".dvc" / page.name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for k, v in overrides.items():
         set_key(params, k, v)

@@ -22,17 +22,24 @@ class Stage:
 def layers(root: Path) -> list[list[Stage]]:
     """The pipeline's stages in topological generations, read from DVC's own graph: every
     stage of one generation depends only on earlier ones, so they may run concurrently."""
+    return graph(root)[0]
+
+
+def graph(root: Path) -> tuple[list[list[Stage]], dict[str, list[str]]]:
+    """The generations (see ``layers``) and, for each stage, the stages whose outputs it reads."""
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        g = repo.index.graph  # edges point from a stage to the stages it depends on
         # stage.name, not stage.addressing: the latter is relative to *this* process's cwd
         # ("../proj/dvc.yaml:prepare"), but the dvc commands run inside the project.
-        return [
+        generations = [
             sorted((Stage(s.name, s.cmd) for s in gen), key=lambda s: s.name)
-            for gen in nx.topological_generations(graph.reverse(copy=False))
+            for gen in nx.topological_generations(g.reverse(copy=False))
         ]
+        upstream = {s.name: sorted(d.name for d in g.successors(s)) for s in g.nodes}
+        return generations, upstream
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -40,6 +47,7 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     `python -m pipeline.<stage>` runs in the same environment as the flow."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"  # each line reaches the flow's log as it is printed
     env.update(extra or {})
     return env
 

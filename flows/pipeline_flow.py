@@ -18,7 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 # Before Prefect loads its settings: the temporary server's telemetry heartbeat writes to the
@@ -56,36 +58,48 @@ def _retry_unless_bad_config(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_unless_bad_config,
       task_run_name="{stage.name}")
 def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[str, float]:
-    """Run one DVC stage's command; its output goes to the Prefect log. Returns wall-clock
-    start and end (epoch seconds) of the command."""
+    """Run one DVC stage's command, its output streamed to the Prefect log line by line while
+    it runs (stdout as info, stderr as warnings). Returns wall-clock start and end (epoch
+    seconds) of the command."""
     logger = get_run_logger()
     start = time.time()
     # Split as a shell would, run without one: no parameter that reaches a command (dvc.yaml's
     # ${item}) can become shell syntax.
     # The stage dies with the flow (parent-death signal): a killed flow leaves no stage running on.
-    proc = subprocess.run(shlex.split(stage.cmd), cwd=root, env=dvc.stage_env(env_extra),
-                          capture_output=True, text=True, preexec_fn=die_with_parent)
-    if proc.returncode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+    proc = subprocess.Popen(shlex.split(stage.cmd), cwd=root, env=dvc.stage_env(env_extra), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1, preexec_fn=die_with_parent)
+    stderr_tail: deque[str] = deque(maxlen=1)
+    held: list[str] = []  # a traceback, logged whole once we know the stage was not interrupted
+    relay_stderr = threading.Thread(target=_relay, args=(proc.stderr, logger.warning, stderr_tail, held), daemon=True)
+    relay_stderr.start()
+    _relay(proc.stdout, logger.info, deque(maxlen=1))
+    relay_stderr.join()
+    returncode = proc.wait()
+    if returncode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         # Ctrl-C: the stage's KeyboardInterrupt traceback says nothing the user does not know
         raise StageInterrupted(f"{stage.name}: interrupted (signal); the stages that finished are recorded")
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            logger.info(line)
-    if proc.returncode == EXIT_BAD_CONFIG:
-        raise StageConfigError(f"{stage.name}: bad configuration: {proc.stderr.strip().splitlines()[-1]}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{stage.name}: `{stage.cmd}` exited with {proc.returncode}")
+    if held:
+        logger.error("\n".join(held))
+    if returncode == EXIT_BAD_CONFIG:
+        raise StageConfigError(f"{stage.name}: bad configuration: {stderr_tail[-1] if stderr_tail else ''}")
+    if returncode != 0:
+        raise RuntimeError(f"{stage.name}: `{stage.cmd}` exited with {returncode}")
     return {"started": start, "finished": time.time()}
 
 
-@task
-def stale_stages(root: str, names: list[str]) -> list[str]:
-    return dvc.stale(Path(root), names)
-
-
-@task
-def commit_stages(root: str, names: list[str]) -> None:
-    dvc.commit(Path(root), names)
+def _relay(stream, log, tail: deque, held: list[str] | None = None) -> None:
+    """Log each line of a stage's output as it arrives. With ``held``, a Python traceback is
+    kept back from its first line on (the caller logs it as one message, or drops it when the
+    stage was interrupted)."""
+    for line in iter(stream.readline, ""):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        tail.append(line)
+        if held is not None and (held or line.startswith("Traceback (most recent call last)")):
+            held.append(line)
+        else:
+            log(line)
 
 
 def _start_parent_run(root: Path) -> tuple[object, str]:
@@ -126,6 +140,60 @@ def _close_orphaned_parents(client, experiment: str) -> None:
             client.set_terminated(r.info.run_id, "KILLED")
 
 
+def _link_flow_run(client, parent: str) -> None:
+    """The MLflow parent run names the Prefect flow run that made it (tags, and a link in its
+    description)."""
+    from prefect.runtime import flow_run
+
+    url = flow_run.ui_url
+    tags = {"mixmerge.prefect_flow_run_id": str(flow_run.id), "mixmerge.prefect_flow_run": str(flow_run.name)}
+    if url:
+        tags["mixmerge.prefect_flow_run_url"] = url
+    what = f"[{flow_run.name}]({url})" if url else f"`{flow_run.name}` (id `{flow_run.id}`)"
+    tags["mlflow.note.content"] = (f"Orchestrated by the Prefect flow run {what}. The stages' runs are nested "
+                                   f"below; evaluate's nested runs hold one model each, with the same metric keys.")
+    for key, value in tags.items():
+        client.set_tag(parent, key, value)
+
+
+def _publish_results(root: Path, client, parent: str, ran: list[str]) -> None:
+    """The results table as a Prefect artifact of this flow run, each model linked to its
+    MLflow run (when evaluate ran in this flow; otherwise the table on disk, unlinked)."""
+    import csv
+
+    from prefect.artifacts import create_markdown_artifact
+
+    from pipeline.io import layout
+    from pipeline.io.tracking import ui_base
+
+    table = root / layout.MODELS_CSV
+    if not table.exists():
+        return
+    with table.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    links, ui = {}, ui_base(client.tracking_uri)
+    if "evaluate" in ran:
+        evaluate = client.search_runs(
+            [client.get_run(parent).info.experiment_id], max_results=1,
+            filter_string=f"tags.`mixmerge.stage` = 'evaluate' and tags.`mlflow.parentRunId` = '{parent}'")
+        if evaluate:
+            exp = evaluate[0].info.experiment_id
+            for r in client.search_runs([exp], max_results=1000,
+                                        filter_string=f"tags.`mlflow.parentRunId` = '{evaluate[0].info.run_id}'"):
+                links[r.data.tags.get("mixmerge.model")] = f"{ui}/#/experiments/{exp}/runs/{r.info.run_id}"
+    columns = ["model", "kind", "accuracy", "nll", "ece", "probe_accuracy", "knn_accuracy"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        name = f"[{row['model']}]({links[row['model']]})" if row["model"] in links else row["model"]
+        lines.append("| " + " | ".join([name] + [row[c] for c in columns[1:]]) + " |")
+    exp = client.get_run(parent).info.experiment_id
+    header = (f"Test scores of every model (`{layout.MODELS_CSV}`). MLflow: [pipeline run]"
+              f"({ui}/#/experiments/{exp}/runs/{parent})"
+              + ("" if "evaluate" in ran else "; evaluate was up to date, so the models link to no run of this flow"))
+    create_markdown_artifact(key="mixmerge-results", markdown=header + "\n\n" + "\n".join(lines),
+                             description="mixmerge: every model side by side")
+
+
 @flow(name="mixmerge-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
 def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dict:
     """Bring every DVC stage of the project up to date; returns what ran and what was skipped.
@@ -144,14 +212,17 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise RuntimeError(f"tracking store {tracking_uri(root)} is unreachable or unusable: {first}") from None
+    _link_flow_run(client, parent)
     env = {"MIXMERGE_PARENT_RUN_ID": parent}
     ran, skipped, timings = [], [], {}
     uncommitted: list[str] = []
     error: BaseException | None = None
     try:
-        for layer in dvc.layers(root):
+        generations, upstream = dvc.graph(root)
+        by_stage = {}  # stage name -> the future that ran it: the task graph's edges
+        for layer in generations:
             names = [s.name for s in layer]
-            todo = set(stale_stages(root, names))
+            todo = set(dvc.stale(root, names))
             skipped += [n for n in names if n not in todo]
             units = [[s] for s in layer if s.name in todo]
             if stack_shards:
@@ -159,7 +230,10 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
             futures = {}
             for unit in units:
                 command = dvc.unit_command(unit)
-                futures[command.name] = (unit, run_stage.submit(str(root), command, env))
+                after = {u for s in unit for u in upstream[s.name] if u in by_stage}
+                fut = run_stage.submit(str(root), command, env, wait_for=[by_stage[u] for u in sorted(after)])
+                futures[command.name] = (unit, fut)
+                by_stage.update({s.name: fut for s in unit})
             failed = []
             for name, (unit, fut) in futures.items():
                 fut.wait()
@@ -172,7 +246,7 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
             if uncommitted and not failed:
                 # Recorded now, not at the end: a flow killed in a later generation keeps this
                 # one's work (dvc.lock and the cache), as `dvc repro` keeps each finished stage.
-                commit_stages(str(root), uncommitted)
+                dvc.commit(root, uncommitted)
                 uncommitted = []
             if failed:
                 futures[failed[0]][1].result()  # re-raise the first failure
@@ -186,14 +260,18 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
         # the error that got us here: it is logged, and the original one propagates.
         try:
             if uncommitted:
-                commit_stages(str(root), uncommitted)
+                dvc.commit(root, uncommitted)
         except Exception as commit_error:  # noqa: BLE001
             if error is None:
                 raise
             logger.error(f"dvc commit of {uncommitted} failed as well: {commit_error}")
         finally:
             client.set_terminated(parent, "FAILED" if error is not None else "FINISHED")
-    return {"ran": ran, "skipped": skipped, "timings": timings, "mlflow_parent_run": parent}
+    _publish_results(root, client, parent, ran)
+    from prefect.runtime import flow_run
+
+    return {"ran": ran, "skipped": skipped, "timings": timings, "mlflow_parent_run": parent,
+            "prefect_flow_run": str(flow_run.id)}
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ The merged model with the best validation accuracy gets the registry alias ``bes
 """
 from __future__ import annotations
 
+import csv
+
 import torch
 
 from pipeline.evaluation.compare import Protocol, Splits, choose_pairs, compare
 from pipeline.evaluation.subsets import fixed_subset
 from pipeline.evaluation.table import format_table
 from pipeline.io import layout, plots
-from pipeline.io.checkpoints import write_csv, write_json
-from pipeline.io.stage_io import load_manifest, load_model, load_prepared
+from pipeline.io.checkpoints import md5, write_csv, write_json
+from pipeline.io.stage_io import load_manifest, load_model, load_prepared, split_digest
 from pipeline.io.tracking import Tracker
 from pipeline.runtime import cli, config
 
@@ -37,13 +39,17 @@ def main(argv: list[str] | None = None) -> None:
         tracker.log_params({"base": base.model_dump(), "evaluate": cfg.model_dump()})
         inputs = [layout.DATASET, layout.MANIFEST] + [p for _, _, p in candidates]
         producers = tracker.record_inputs(inputs)
+        dataset_md5 = md5(layout.DATASET)
+        for split in ("test", "validation"):
+            tracker.log_dataset(split, layout.DATASET, split_digest(dataset_md5, split), split)
         loaded = ((name, kind, load_model(path, device)[0]) for name, kind, path in candidates)
         result = compare(loaded, splits, hists, protocol.pairs, cfg.ece_bins, cfg.batch_size,
                          cfg.interpolation_points)
         outs = write_outputs(result, protocol)
         tracker.record_outputs(outs)
-        tracker.log_metrics(flat_metrics(result))
+        tracker.log_metrics(summary_metrics(result))
         tracker.log_artifacts(outs)
+        record_models(tracker, result, {name: (kind, str(path)) for name, kind, path in candidates}, producers)
         if "best_merged_by_val" in result.summary:
             _alias_best(tracker, producers, result.summary["best_merged_by_val"])
     print(format_table(result.rows))
@@ -85,21 +91,62 @@ def write_outputs(r, protocol: Protocol) -> list:
     write_csv(layout.PER_CLASS_CSV, r.class_rows, ["model", "class", "accuracy"])
     write_csv(layout.SHARDS_CSV, r.shard_rows, ["model", "shard", "accuracy"])
     write_csv(layout.RELIABILITY_CSV, r.reliability_rows, ["model", "bin", "confidence", "accuracy", "count"])
+    write_csv(layout.TRAINING_CSV, training_rows(), TRAINING_COLUMNS)
     plots.comparison_chart(r.rows, layout.COMPARISON_PNG)
     merged = [row["model"] for row in r.rows if row["kind"] == "merged"]
     shown = ["pretrained", r.summary["best_expert"], "ensemble"] + merged
     plots.reliability_diagram({n: r.curves[n] for n in shown}, layout.RELIABILITY_PNG)
-    return [layout.METRICS, layout.MODELS_CSV, layout.SHARDS_CSV, layout.RELIABILITY_CSV, layout.PER_CLASS_CSV,
+    return [layout.METRICS, layout.TRAINING_CSV, layout.MODELS_CSV, layout.SHARDS_CSV, layout.RELIABILITY_CSV, layout.PER_CLASS_CSV,
             layout.MERGE_GAP_CSV, layout.PAIRS_CSV, layout.INTERPOLATION_CSV,
             layout.COMPARISON_PNG, layout.RELIABILITY_PNG, layout.INTERPOLATION_PNG]
 
 
-def flat_metrics(r) -> dict[str, float]:
-    flat = {f"{n}.{k}": v for n, m in r.models.items() for k, v in m.items() if isinstance(v, float)}
-    flat.update({f"{n}.{s}": a for n, m in r.models.items() for s, a in m["shard_accuracy"].items()})
+TRAINING_COLUMNS = ["run", "epoch", "loss", "val_loss", "val_accuracy"]
+
+
+def training_rows() -> list[dict]:
+    """Each training run's history (pretrain.csv, shard_K.csv) as rows of one table, the run
+    named by its file; columns a run did not record (pretrain's validation) stay empty."""
+    rows = []
+    for f in sorted(layout.HISTORY.glob("*.csv")):
+        with f.open(newline="") as fh:
+            rows += [{c: row.get(c, "") for c in TRAINING_COLUMNS[1:]} | {"run": f.stem} for row in csv.DictReader(fh)]
+    return rows
+
+
+def summary_metrics(r) -> dict[str, float]:
+    """The evaluate run's own metrics: the summary and the pair diagnostics. Each model's
+    scores go to a run of its own (record_models)."""
+    flat = {k: v for k, v in r.summary.items() if isinstance(v, float)}
+    flat.update({f"merge_gap.{m}.{k}": v for m, gaps in r.summary.get("merge_gap", {}).items() for k, v in gaps.items()})
     flat.update({f"pair.{row['expert_a']}.{row['expert_b']}.{k}": v for row in r.pair_rows for k, v in row.items()
                  if isinstance(v, float)})
     return flat
+
+
+def model_metrics(scores: dict) -> dict[str, float]:
+    """One model's test scores under the keys every model shares (MLflow's Compare view and
+    chart view put models side by side by key)."""
+    flat = {k: v for k, v in scores.items() if isinstance(v, float)}
+    flat.update({f"{shard}_accuracy": a for shard, a in scores["shard_accuracy"].items()})
+    return flat
+
+
+def record_models(tracker: Tracker, r, files: dict[str, tuple[str, str]], producers: dict[str, str]) -> None:
+    """One run per evaluated model, nested under the evaluate run, all with the same metric
+    keys; its description links the run that made the model. A registered model's test scores
+    are also logged against its logged model (the experiment's Models tab)."""
+    experts = [n for n, (kind, _) in files.items() if kind == "expert"]
+    for name, scores in r.models.items():
+        kind, path = files.get(name, ("ensemble", ""))
+        made_by = {path: producers[path]} if path in producers else {
+            files[e][1]: producers[files[e][1]] for e in experts if files[e][1] in producers}
+        with tracker.nested(name, {"mixmerge.role": "evaluation", "mixmerge.model": name,
+                                   "mixmerge.model_kind": kind}) as child:
+            child.log_params({"model": name, "kind": kind, "file": path or "ensemble of the experts' softmax"})
+            logged = tracker.logged_model_of(producers.get(path)) if kind in ("merged", "federated") else None
+            child.log_metrics(model_metrics(scores), model_id=logged)  # a registered model's scores are its own too
+            child.describe(made_by, heading=f"{name} ({kind}) was made by")
 
 
 def _alias_best(tracker: Tracker, producers: dict[str, str], best: str) -> None:

@@ -31,7 +31,7 @@ from pipeline.io import layout
 from pipeline.io.checkpoints import md5, replace_dir, save_tensors, staging_dir, write_csv
 from pipeline.io.registration import register
 from pipeline.io.round_checkpoints import checkpoint_path, fingerprint, load_round, save_round
-from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source
+from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source, split_digest
 from pipeline.io.tracking import Tracker
 from pipeline.methods.federated import TOPOLOGIES
 from pipeline.methods.federated.topology import fits
@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> None:
             print_ = fingerprint(base.model_dump(), common, spec, input_hashes, k)
             tracker = stack.enter_context(Tracker("federate", f"federate/{name}", params_file=args.params))
             tracker.log_params({"base": base.model_dump(), "federate": common, "run": spec, "name": name})
-            tracker.record_inputs(inputs)
+            producers = tracker.record_inputs(inputs)
+            dataset_md5 = input_hashes[str(layout.DATASET)]
+            for i in base.shards:
+                tracker.log_dataset(f"shard_{i}", layout.MANIFEST,
+                                    split_digest(dataset_md5, "train", manifest["shards"][i]["indices"]), "training")
+            for split in ("validation", "test"):
+                tracker.log_dataset(split, layout.DATASET, split_digest(dataset_md5, split), split)
             resumed = load_round(checkpoint_path(name), print_, device)
             state, rows = resumed if resumed else (fresh_state(run, init, k), [])
             if resumed:
@@ -154,16 +160,27 @@ def main(argv: list[str] | None = None) -> None:
             save_tensors(out, state.global_state, metas[name])
             tracker.log_metrics({"final_test_accuracy": rows[-1]["test_accuracy"],
                                  "final_val_accuracy": rows[-1]["val_accuracy"]})
-            outs.append((name, tracker))
+            outs.append((name, tracker, producers, spec))
             print(f"federate: {name} ({describe(run)}) after {cfg.rounds} rounds: test accuracy "
                   f"{rows[-1]['test_accuracy']:.4f}")
         replace_dir(layout.FEDERATED, staged)
         write_csv(layout.ROUNDS_CSV, all_rows, ROUND_COLUMNS)
-        for name, tracker in outs:
+        for name, tracker, producers, spec in outs:
             path = layout.FEDERATED / f"{name}.safetensors"
-            tracker.record_outputs([path, layout.ROUNDS_CSV])
-            if cfg.registered_model:
-                register(tracker, name, path, metas[name], cfg.registered_model, stage="federate")
+            tracker.record_outputs([layout.ROUNDS_CSV])
+            # The global model in a run of its own, nested under the training record, as merge's
+            # models are: MLflow copies a run's params and step-0 metrics (system/* here) onto
+            # every model logged in it.
+            final = next(r for r in reversed(all_rows) if r["run"] == name)
+            with tracker.nested(name, {"mixmerge.role": "federated_model", "mixmerge.model": f"fed_{name}",
+                                       "mixmerge.model_kind": "federated"}) as child:
+                child.log_params({"run": name, **spec, "rounds": cfg.rounds, "clients": k})
+                child.log_metrics({"final_test_accuracy": final["test_accuracy"],
+                                   "final_val_accuracy": final["val_accuracy"]})
+                child.record_outputs([path])
+                child.describe(producers, heading=f"fed_{name}: {describe(cfg.runs[name])}, {cfg.rounds} rounds, from")
+                if cfg.registered_model:
+                    register(child, name, path, metas[name], cfg.registered_model, stage="federate")
     for name in cfg.runs:  # every run is in data/federated now: the checkpoints have served
         checkpoint_path(name).unlink(missing_ok=True)
 

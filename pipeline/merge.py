@@ -22,7 +22,7 @@ from pipeline.methods.merge.data import MergeData
 from pipeline.methods.merge import MERGERS
 from pipeline.train.combine import combine, merger_takes
 from pipeline.evaluation.metrics import accuracy
-from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors
+from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, split_digest
 from pipeline.io.registration import register
 from pipeline.io.tracking import Tracker
 from pipeline.nn.inference import predict_logits
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     with Tracker("merge", "merge", params_file=args.params) as tracker, contextlib.ExitStack() as stack:
         tracker.log_params({"base": base.model_dump(), "merge": cfg.model_dump()})
         inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED, *expert_files]
-        tracker.record_inputs(inputs)
+        producers = tracker.record_inputs(inputs)
+        dataset_md5 = md5(layout.DATASET)
+        tracker.log_dataset("validation", layout.DATASET, split_digest(dataset_md5, "validation"), "validation")
 
         model, base_meta = load_model(layout.PRETRAINED, device)
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -103,12 +105,20 @@ def main(argv: list[str] | None = None) -> None:
             save_tensors(staged / f"{name}.safetensors", model.state_dict(), metas[name])
         replace_dir(layout.MERGED, staged)
 
-        outs = [layout.MERGED / f"{name}.safetensors" for name in cfg.mergers]
-        tracker.record_outputs(outs)
-        tracker.log_metrics({f"val_accuracy.{n}": a for n, a in val_acc.items()})
-        if cfg.registered_model:
-            for name, path in zip(cfg.mergers, outs):
-                register(tracker, name, path, metas[name], cfg.registered_model, stage="merge")
+        for name, spec in cfg.mergers.items():
+            # One run per merged model, nested under this one: its params, its validation
+            # accuracy and its logged model are its own (MLflow copies a run's params and
+            # metrics onto every model logged in it), and evaluate's lineage finds it.
+            path = layout.MERGED / f"{name}.safetensors"
+            with tracker.nested(name, {"mixmerge.role": "merged_model", "mixmerge.model": name,
+                                       "mixmerge.model_kind": "merged"}) as child:
+                child.log_params({"merger": name, "method": spec.method, "options": spec.options,
+                                  "align": cfg.align, "bn_recalibration": recal, "experts": len(experts)})
+                child.log_metrics({"val_accuracy": val_acc[name]})
+                child.record_outputs([path])
+                child.describe(producers, heading=f"{name} ({spec.method}) merged from")
+                if cfg.registered_model:
+                    register(child, name, path, metas[name], cfg.registered_model, stage="merge")
     table = ", ".join(f"{n} {a:.4f}" for n, a in val_acc.items())
     print(f"merge: {len(experts)} experts -> {len(val_acc)} merged models (BN recomputed: {recal}); val accuracy {table}")
 

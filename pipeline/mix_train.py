@@ -10,16 +10,17 @@ flow does this with ``stack_shards=True`` and then records each shard stage with
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 
 from pipeline.runtime import cli, config
 from pipeline.io import layout
 from pipeline.io.checkpoints import md5, save_tensors, write_csv
-from pipeline.evaluation.metrics import accuracy
+from pipeline.evaluation.metrics import accuracy, nll
 from pipeline.methods.mix.recipe import MixRecipe
 from pipeline.runtime.progress import Progress
 from pipeline.train.engine import can_stack, train_models
-from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source
+from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source, split_digest
 from pipeline.io.tracking import Tracker
 from pipeline.nn.inference import predict_logits
 from pipeline.train.loop import Schedule
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay)
     inputs = [layout.DATASET, layout.MANIFEST, layout.PRETRAINED]
 
+    dataset_md5 = md5(layout.DATASET)
     with contextlib.ExitStack() as stack:
         trackers = [stack.enter_context(Tracker("mix_train", f"mix_train/shard_{k}", params_file=args.params))
                     for k in shards]
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log_params({"base": base.model_dump(), "mix_train": cfg.model_dump(), "shard": k,
                                 "shard_size": len(shard), "stacked_with": len(shards)})
             tracker.record_inputs(inputs)
-            tracker.log_dataset(f"shard_{k}", layout.MANIFEST, manifest["content_hash"], f"shard_{k}")
+            tracker.log_dataset(f"shard_{k}", layout.MANIFEST,
+                                split_digest(dataset_md5, "train", manifest["shards"][k]["indices"]), "training")
+            tracker.log_dataset("validation", layout.DATASET, split_digest(dataset_md5, "validation"), "validation")
 
         model, pre_meta = load_model(layout.PRETRAINED, device)
         init = {n: t.clone() for n, t in model.state_dict().items()}
@@ -77,15 +81,27 @@ def main(argv: list[str] | None = None) -> None:
             lines[i].update(epoch, sum(losses.values()) / len(losses))
             last_epoch_end[0] = time.perf_counter()
 
+        # Validation after every epoch, on a copy of the architecture (the model being trained
+        # keeps its mode and hooks); reads the weights, draws no random numbers.
+        judge = copy.deepcopy(model).eval()
+        val_curves: dict[int, dict[str, list[float]]] = {i: {"val_accuracy": [], "val_loss": []} for i in range(len(shards))}
+
+        def validate(epoch: int, states: dict[int, dict]) -> None:
+            for i, state in states.items():
+                judge.load_state_dict(state)
+                logits = predict_logits(judge, data.x_val)
+                val_curves[i]["val_accuracy"].append(accuracy(logits, data.y_val))
+                val_curves[i]["val_loss"].append(nll(logits, data.y_val))
+
         states, histories = train_models(
             model, [init] * len(shards), shard_data, recipes, schedule,
             [cli.generator(batch_order_seed(base.seed, k), device) for k in shards], device,
-            stack=stacked, compile=base.compile, on_epoch=report,
+            stack=stacked, compile=base.compile, on_epoch=report, after_epoch=validate,
         )
 
-        for k, tracker, state, history, shard in zip(shards, trackers, states, histories, shard_data):
-            model.load_state_dict(state)
-            val_acc = accuracy(predict_logits(model, data.x_val), data.y_val)
+        for i, (k, tracker, state, history, shard) in enumerate(zip(shards, trackers, states, histories, shard_data)):
+            curves = val_curves[i]
+            val_acc = curves["val_accuracy"][-1]  # the final weights' (validated after the last epoch)
             metadata = {
                 **inherited_metadata(pre_meta),
                 "stage": "mix_train",
@@ -97,10 +113,10 @@ def main(argv: list[str] | None = None) -> None:
             }
             out, hist_csv = layout.expert(k), layout.expert_history(k)
             save_tensors(out, state, metadata)
-            write_csv(hist_csv, [{"epoch": i + 1, "loss": round(v, 6)} for i, v in enumerate(history)],
-                      ["epoch", "loss"])
-            tracker.log_history({"loss": history})
-            tracker.log_metrics({"val_accuracy": val_acc})
+            write_csv(hist_csv, [{"epoch": e + 1, "loss": round(v, 6), "val_loss": round(curves["val_loss"][e], 6),
+                                  "val_accuracy": round(curves["val_accuracy"][e], 6)} for e, v in enumerate(history)],
+                      ["epoch", "loss", "val_loss", "val_accuracy"])
+            tracker.log_history({"loss": history, **curves})  # val_accuracy's last step is the final value
             tracker.record_outputs([out, hist_csv])
             tracker.log_artifacts([hist_csv])
             print(f"mix_train: shard {k} ({len(shard)} samples, {mixer_name}, {cfg.loss.method}) val accuracy {val_acc:.4f}")

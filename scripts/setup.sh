@@ -10,3 +10,5 @@ else
 fi
 "${UV[@]}" sync --frozen --compile-bytecode --quiet
 export PATH="$PWD/.venv/bin:$PATH"
+# `dvc plots show` draws with Vega inlined in this page (.dvc/config), not from a CDN
+[ -f .dvc/offline_plots.html ] || python -m flows.plots_page >/dev/null

@@ -137,8 +137,8 @@ def runs_by_stage(client):
     exp = client.get_experiment_by_name("mixmerge")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     by = {}
-    for r in runs:
-        by.setdefault(r.data.tags.get("mixmerge.stage", r.data.tags.get("mixmerge.role")), []).append(r)
+    for r in runs:  # nested runs (one per model) by their role, stage runs by their stage
+        by.setdefault(r.data.tags.get("mixmerge.role", r.data.tags.get("mixmerge.stage")), []).append(r)
     return by
 
 
@@ -149,10 +149,13 @@ def test_mlflow_parent_and_child_runs(mlflow_client):
     stages = ("prepare", "pretrain", "mix_train", "merge", "federate", "evaluate")
     counts = {stage: len(by.get(stage, [])) for stage in stages}
     assert counts == {"prepare": 1, "pretrain": 1, "mix_train": K, "merge": 1, "federate": len(FEDERATED), "evaluate": 1}
+    stage_runs = {r.info.run_id for stage in stages for r in by.get(stage, [])}
     for stage, runs in by.items():
         for r in runs:
-            if stage != "pipeline":
+            if stage in stages:
                 assert r.data.tags["mlflow.parentRunId"] == parent
+            elif stage != "pipeline":  # a model's run, under its stage's run
+                assert r.data.tags["mlflow.parentRunId"] in stage_runs
                 assert r.info.status == "FINISHED"
                 assert len(r.data.tags["mixmerge.git_commit"]) == 40
     shard_run = by["mix_train"][0]
@@ -161,7 +164,98 @@ def test_mlflow_parent_and_child_runs(mlflow_client):
     assert [m.step for m in history] == list(range(1, TINY["mix_train.epochs"] + 1))
     prep = by["prepare"][0]
     assert prep.inputs.dataset_inputs and prep.inputs.dataset_inputs[0].dataset.name == "digits"
-    assert "evaluate" in by and "ensemble.accuracy" in by["evaluate"][0].data.metrics
+    val = mlflow_client.get_metric_history(shard_run.info.run_id, "val_accuracy")
+    assert [m.step for m in val] == list(range(1, TINY["mix_train.epochs"] + 1)), "validated after every epoch"
+    assert val[-1].value == shard_run.data.metrics["val_accuracy"]
+    # each shard is a dataset of its own; evaluate names the test and validation splits
+    digests = {r.inputs.dataset_inputs[0].dataset.digest for r in by["mix_train"]}
+    assert len(digests) == K
+    splits = {d.dataset.name: d.dataset.digest for d in by["evaluate"][0].inputs.dataset_inputs}
+    assert set(splits) == {"test", "validation"} and len(set(splits.values())) == 2
+    # system metrics, sampled while the stage ran (evaluate takes seconds even on the tiny project)
+    assert "system/cpu_utilization_percentage" in by["evaluate"][0].data.metrics
+    assert by["evaluate"][0].data.tags["mlflow.source.name"] == "python -m pipeline.evaluate"
+
+
+def test_mlflow_has_one_comparable_run_per_model(mlflow_client, repro_project):
+    """Compare in the MLflow UI puts runs in columns and metric keys in rows: every evaluated
+    model is a run of its own, all with the same keys, equal to the table evaluate wrote."""
+    import csv
+
+    by = runs_by_stage(mlflow_client)
+    evaluated = {r.data.tags["mixmerge.model"]: r for r in by["evaluation"]}
+    with (repro_project / "results/models.csv").open() as fh:
+        table = {row["model"]: row for row in csv.DictReader(fh)}
+    assert set(evaluated) == set(table)
+    keys = {"accuracy", "nll", "ece", "brier", "temperature", "nll_scaled", "ece_scaled",
+            *(f"shard_{k}_accuracy" for k in range(K))}
+    for name, r in evaluated.items():
+        expected = keys if name == "ensemble" else keys | {"probe_accuracy", "knn_accuracy"}  # no features
+        assert set(r.data.metrics) == expected, name
+        assert r.data.metrics["accuracy"] == float(table[name]["accuracy"]), name
+        assert r.data.tags["mixmerge.model_kind"] == table[name]["kind"]
+        assert r.data.tags["mlflow.parentRunId"] == by["evaluate"][0].info.run_id
+    assert not [k for k in by["evaluate"][0].data.metrics if k.startswith(("expert_", "ties.", "fed_"))], \
+        "the evaluate run keeps the summary; the models' scores are in their own runs"
+
+
+def test_each_logged_model_carries_its_own_params_and_metrics(mlflow_client):
+    exp = mlflow_client.get_experiment_by_name("mixmerge").experiment_id
+    models = {m.name: m for m in mlflow_client.search_logged_models([exp])}
+    assert set(models) == set(MERGERS) | {n.removeprefix("fed_") for n in FEDERATED}
+    for name in MERGERS:
+        m = models[name]
+        assert m.params["merger"] == name and not [k for k in m.params if k.startswith("merge.")], name
+        metrics = {x.key: x.value for x in m.metrics}
+        assert set(metrics) >= {"val_accuracy", "accuracy", "shard_0_accuracy"} and not [k for k in metrics if "." in k], name
+    fed = {x.key for x in models["fedavg"].metrics} if "fedavg" in models else set()
+    assert not [k for k in fed if k.startswith("system/")]
+
+
+def test_lineage_is_a_clickable_description(mlflow_client):
+    by = runs_by_stage(mlflow_client)
+    merge = by["merge"][0]
+    note = merge.data.tags["mlflow.note.content"]
+    exp = merge.info.experiment_id
+    for r in by["mix_train"]:  # each expert's run, as a link of the MLflow UI's own
+        assert f"(#/experiments/{exp}/runs/{r.info.run_id})" in note
+    ties = next(r for r in by["evaluation"] if r.data.tags["mixmerge.model"] == "ties")
+    made_by = next(r for r in by["merged_model"] if r.data.tags["mixmerge.model"] == "ties")
+    assert f"(#/experiments/{exp}/runs/{made_by.info.run_id})" in ties.data.tags["mlflow.note.content"]
+
+
+def test_dvc_plots_have_the_declared_fields(repro_project):
+    """Every declared plot loads, and every data point has the plot's x and y (a plot without
+    them draws its last column against the row number)."""
+    proc = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repro_project)
+    shown = json.loads(proc.stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    declared = yaml.safe_load((repro_project / "dvc.yaml").read_text())["plots"]
+    charts = [d for d in declared if isinstance(d, dict)]
+    for d in charts:
+        ((title, spec),) = d.items()
+        (plot,) = shown["data"][title]
+        ((source, y),) = spec["y"].items()
+        values = _datapoints(plot["content"])
+        assert values, title
+        assert all(spec["x"] in v and y in v for v in values), title
+        assert spec["template"] == "scatter" or (repro_project / ".dvc/plots" / f"{spec['template']}.json").exists()
+    per_shard = next(v for t, v in shown["data"].items() if t.startswith("Test accuracy on the label"))
+    assert all(0 <= float(v["accuracy"]) <= 1 for v in _datapoints(per_shard[0]["content"]))
+
+
+def _datapoints(spec):
+    if isinstance(spec, dict):
+        values = spec.get("values")
+        if isinstance(values, list) and values and isinstance(values[0], dict) and "rev" in values[0]:
+            return values
+        spec = list(spec.values())
+    if isinstance(spec, list):
+        for item in spec:
+            found = _datapoints(item)
+            if found:
+                return found
+    return None
 
 
 def test_lineage_walks_back_from_merged_model_to_partition(mlflow_client, repro_project):
@@ -179,9 +273,11 @@ def test_lineage_walks_back_from_merged_model_to_partition(mlflow_client, repro_
         # each expert names the pretrain and prepare runs
         assert expert.data.tags["mixmerge.input_run.data/pretrain/model.safetensors"] == by["pretrain"][0].info.run_id
         assert expert.data.tags["mixmerge.input_run.data/prepared/partition.json"] == by["prepare"][0].info.run_id
-    for name in MERGERS:
+    merged_runs = {r.data.tags["mixmerge.model"]: r for r in by["merged_model"]}
+    for name in MERGERS:  # each merged model's own run wrote it, under the merge run
         path = f"data/merged/{name}.safetensors"
-        assert merge[f"mixmerge.out.{path}"] == md5(repro_project / path)
+        assert merged_runs[name].data.tags[f"mixmerge.out.{path}"] == md5(repro_project / path)
+        assert merged_runs[name].data.tags["mlflow.parentRunId"] == by["merge"][0].info.run_id
     assert by["merge"][0].data.tags["mixmerge.dep.pipeline/methods/merge/task_vectors.py"] == md5s["pipeline/methods/merge/task_vectors.py"]
 
 

@@ -44,6 +44,9 @@ INTERPOLATION_CSV = RESULTS / "interpolation.csv"
 # federate: per-round metrics of every run, one table (DVC's plot draws a line per run with the
 # template .dvc/plots/by_run.json: DVC does not expand a folder in a top-level plot)
 ROUNDS_CSV = RESULTS / "rounds.csv"
+# evaluate: every training run's per-epoch history (data/history/*.csv) in one table, drawn as
+# one line per run (a top-level plot cannot name a folder, and K varies)
+TRAINING_CSV = RESULTS / "training.csv"
 COMPARISON_PNG = RESULTS / "comparison.png"
 RELIABILITY_PNG = RESULTS / "reliability.png"
 INTERPOLATION_PNG = RESULTS / "interpolation.png"

@@ -1,6 +1,7 @@
 """Reading other stages' artifacts back, shared by the stages that consume them."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -67,6 +68,15 @@ def shard_tensors(data: Prepared, manifest: dict[str, Any], shard: int) -> tuple
     """The training images and labels of one shard, as the manifest lists them."""
     index = torch.tensor(manifest["shards"][shard]["indices"], dtype=torch.long)
     return data.x_train[index.to(data.x_train.device)], data.y_train[index.to(data.y_train.device)]
+
+
+def split_digest(dataset_md5: str, split: str, indices: list[int] | None = None) -> str:
+    """A digest of one split of the prepared dataset (or of one shard: its indices) for
+    MLflow's dataset inputs, so each shard and split shows as a dataset of its own."""
+    h = hashlib.sha256(f"{dataset_md5}:{split}".encode())
+    if indices is not None:
+        h.update(json.dumps(indices).encode())
+    return h.hexdigest()
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -68,13 +68,22 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside its database file (the project's mlartifacts/
+    for the default store, a test's temporary folder for a test's store); a tracking server
+    decides for itself (proxied artifact storage)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def ensure_experiment(client, root: Path, name: str | None = None) -> str:
     name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri())
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri(root)))
     except Exception:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
 
@@ -107,13 +116,35 @@ def store_guarded(fn):
     return guarded
 
 
-class Tracker:
-    """One child run for one stage (or shard) of the pipeline. Every call to the store is
-    guarded (store_guarded): an outage stops the stage in seconds with one line."""
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI for a store is: the tracking server itself, or, for a SQLite file,
+    `mlflow ui --backend-store-uri <uri>` on its default address."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
-    def __init__(self, stage: str, run_name: str, root: str | Path = ".", params_file: str | Path = "params.yaml"):
+
+def run_link(experiment_id: str, run_id: str, text: str) -> str:
+    """A Markdown link to a run that the MLflow UI renders in a run's description (a route of
+    the UI's own, so it works whichever host serves it)."""
+    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id})"
+
+
+class Tracker:
+    """One child run for one stage (or shard) of the pipeline, or, with ``parent``, a run nested
+    under another stage's run (one per merged model, one per evaluated model). Every call to
+    the store is guarded (store_guarded): an outage stops the stage in seconds with one line.
+
+    A stage's own run (no ``parent``) samples CPU, memory, disk, network and, where NVIDIA's
+    management library is present, GPU use into system/* metrics (MLflow's own monitor;
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides our 1 s: stages are short)."""
+
+    SYSTEM_METRICS_INTERVAL_S = 1.0
+
+    def __init__(self, stage: str, run_name: str, root: str | Path = ".", params_file: str | Path = "params.yaml",
+                 parent: "Tracker | None" = None, tags: dict[str, str] | None = None):
         self.root = Path(root)
         self.uri = tracking_uri(self.root)
+        self.parent, self.extra_tags = parent, dict(tags or {})
+        self.monitor = None
         self._connect(stage, run_name, params_file)
 
     @store_guarded
@@ -123,16 +154,23 @@ class Tracker:
 
         self.mlflow, self.stage, self.run_name = mlflow, stage, run_name
         self.params_file = Path(params_file)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient()
-        self.experiment_id = ensure_experiment(self.client, self.root)
+        if self.parent is not None:  # one client and experiment per process
+            self.client, self.experiment_id = self.parent.client, self.parent.experiment_id
+        else:
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient()
+            self.experiment_id = ensure_experiment(self.client, self.root)
         self.run_id: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @store_guarded
     def __enter__(self) -> "Tracker":
-        commit = git_commit(self.root)
-        parent = os.environ.get(PARENT_ENV) or self._find_or_create_parent(commit)
+        if self.parent is not None:
+            commit, parent = self.parent.commit, self.parent.run_id
+        else:
+            commit = git_commit(self.root)
+            parent = os.environ.get(PARENT_ENV) or self._find_or_create_parent(commit)
+        self.commit = commit
         run = self.client.create_run(
             self.experiment_id,
             run_name=self.run_name,
@@ -141,15 +179,34 @@ class Tracker:
                 "mixmerge.stage": self.stage,
                 "mixmerge.git_commit": commit,
                 "mlflow.source.git.commit": commit,
+                # the Source column: what ran, as the user would type it
+                "mlflow.source.name": f"python -m pipeline.{self.stage}",
+                "mlflow.source.type": "LOCAL",
+                **self.extra_tags,
             },
         )
         self.run_id = run.info.run_id
+        if self.parent is None:
+            self._start_system_metrics()
         return self
+
+    def _start_system_metrics(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.SYSTEM_METRICS_INTERVAL_S,
+                                            tracking_uri=self.uri)
+        self.monitor.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is TrackingUnavailable:
             return  # the store is gone: marking the run would only wait for it again
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples are flushed before the run ends
         self._terminate("FAILED" if exc_type else "FINISHED")
+
+    def nested(self, run_name: str, tags: dict[str, str] | None = None) -> "Tracker":
+        """A run under this one, sharing its store and commit (enter it with ``with``)."""
+        return Tracker(self.stage, run_name, self.root, self.params_file, parent=self, tags=tags)
 
     @store_guarded
     def _terminate(self, status: str) -> None:
@@ -181,17 +238,18 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     @store_guarded
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self.log_history({k: [v] for k, v in flatten(metrics).items()}, first_step=step)
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, model_id: str | None = None) -> None:
+        self.log_history({k: [v] for k, v in flatten(metrics).items()}, first_step=step, model_id=model_id)
 
     @store_guarded
-    def log_history(self, series: dict[str, list[float]], first_step: int = 1) -> None:
-        """Per-epoch series, all sent in as few log_batch calls as MLflow allows."""
+    def log_history(self, series: dict[str, list[float]], first_step: int = 1, model_id: str | None = None) -> None:
+        """Per-epoch series, all sent in as few log_batch calls as MLflow allows; with
+        ``model_id`` the values also belong to that logged model (MLflow 3)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [
-            Metric(key, float(v), now, first_step + i)
+            Metric(key, float(v), now, first_step + i, model_id=model_id)
             for key, values in series.items()
             for i, v in enumerate(values)
         ]
@@ -233,8 +291,25 @@ class Tracker:
             tags[f"mixmerge.dep.{f}"] = md5(self.root / f)
         if producers:
             tags["mixmerge.input_runs"] = ",".join(sorted(set(producers.values())))
+            tags["mlflow.note.content"] = self.lineage_markdown(producers)
         self._set_tags(tags)
         return producers
+
+    def lineage_markdown(self, producers: dict[str, str], heading: str = "Inputs and the runs that wrote them") -> str:
+        """The run's description: each input a link to the run that wrote it (the UI renders
+        Markdown there; the tags hold the same ids for the API)."""
+        lines = [f"**{heading}** (mixmerge lineage, commit `{self.commit[:10]}`)", ""]
+        lines += [f"- `{path}` <- {run_link(self.experiment_id, run, run[:12])}" for path, run in sorted(producers.items())]
+        return "\n".join(lines)
+
+    @store_guarded
+    def describe(self, producers: dict[str, str], heading: str = "Inputs and the runs that wrote them",
+                 extra: str = "") -> None:
+        """Write the lineage description, and the input tags, so the API walks back from a
+        nested run as from its stage's run."""
+        tags = {f"mixmerge.input_run.{path}": run for path, run in producers.items()}
+        tags["mlflow.note.content"] = self.lineage_markdown(producers, heading) + (f"\n\n{extra}" if extra else "")
+        self._set_tags(tags)
 
     @store_guarded
     def record_outputs(self, files: Iterable[str | Path]) -> None:
@@ -250,6 +325,16 @@ class Tracker:
             max_results=1,
         )
         return found[0].info.run_id if found else None
+
+    @store_guarded
+    def logged_model_of(self, run_id: str | None) -> str | None:
+        """The id of the registered model a run logged (merge's per-model runs and federate's
+        runs log one each), or None."""
+        if not run_id:
+            return None
+        found = self.client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                                 max_results=1)
+        return found[0].model_id if found else None
 
     @store_guarded
     def _set_tags(self, tags: dict[str, str]) -> None:

@@ -14,7 +14,8 @@ class Progress:
     def __init__(self, label: str, total_epochs: int, stream: TextIO | None = None, start: float | None = None,
                  unit: str = "epoch"):
         self.label, self.total, self.unit = label, total_epochs, unit
-        self.stream = stream or sys.stderr
+        # stdout: progress is news, not a warning (the flow logs a stage's stderr as warnings)
+        self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.start = time.perf_counter() if start is None else start  # a time.perf_counter() value
         # In a log: the first epoch, each quarter, and the last.

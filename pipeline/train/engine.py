@@ -41,6 +41,9 @@ class Recipe(Protocol):
 
 # on_epoch(epoch, {model index: that epoch's mean loss}) after each epoch of each model
 EpochCallback = Callable[[int, dict[int, float]], None]
+# after_epoch(epoch, {model index: its weights now}) after each epoch, for per-epoch validation:
+# the states are views of the weights being trained, to be read, not kept or changed
+EpochStates = Callable[[int, dict[int, StateDict]], None]
 
 
 def can_stack(recipes: list[Recipe]) -> bool:
@@ -60,6 +63,7 @@ def train_models(
     *,
     stack: bool | None = None,
     on_epoch: EpochCallback | None = None,
+    after_epoch: EpochStates | None = None,
     compile: bool = False,
     terms: LocalTerms | None = None,
 ) -> tuple[list[StateDict], list[list[float]]]:
@@ -81,13 +85,18 @@ def train_models(
             model, inits, sources, lambda i, x, y: recipes[i].batch(x, y), recipes[0].loss, schedule,
             generators, device,
             on_epoch=None if on_epoch is None else lambda e, losses: on_epoch(e, dict(enumerate(losses))),
+            on_epoch_states=None if after_epoch is None else lambda e, states: after_epoch(e, dict(enumerate(states))),
             compile=compile, terms=terms,
         )
     states, histories = [], []
     for i, (init, source, recipe, g) in enumerate(zip(inits, sources, recipes, generators)):
-        state, history = _train_one(model, init, source, recipe, schedule, g, device, compile,
-                                    None if on_epoch is None else lambda e, loss, i=i: on_epoch(e, {i: loss}),
-                                    terms, i)
+        def each_epoch(e: int, loss: float, i: int = i) -> None:
+            if on_epoch is not None:
+                on_epoch(e, {i: loss})
+            if after_epoch is not None:
+                after_epoch(e, {i: model.state_dict()})
+
+        state, history = _train_one(model, init, source, recipe, schedule, g, device, compile, each_epoch, terms, i)
         states.append(state)
         histories.append(history)
     return states, histories

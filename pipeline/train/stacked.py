@@ -105,6 +105,7 @@ def fit_stacked(
     generators: list[torch.Generator],
     device: torch.device,
     on_epoch: Callable[[int, list[float]], None] | None = None,
+    on_epoch_states: Callable[[int, list[StateDict]], None] | None = None,
     compile: bool = False,
     terms: LocalTerms | None = None,
 ) -> tuple[list[StateDict], list[list[float]]]:
@@ -177,6 +178,9 @@ def fit_stacked(
             history[i].append(totals[i].item() / steps[i])
         if on_epoch is not None:
             on_epoch(epoch, [h[-1] for h in history])
+        if on_epoch_states is not None:  # views of each model's current weights, not copies
+            on_epoch_states(epoch, [{**{n: params[n][i].detach() for n in names_p}, **{n: buffers[n][i] for n in names_b}}
+                                    for i in range(k_experts)])
 
     states = []
     for i in range(k_experts):
