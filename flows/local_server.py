@@ -50,9 +50,10 @@ def _drain_prefect_workers() -> None:
 
 
 @contextlib.contextmanager
-def prefect_api(timeout: float = 120.0) -> Iterator[str | None]:
+def prefect_api(timeout: float = 120.0, ui: bool = False) -> Iterator[str | None]:
     """Yield the API URL of a server started for this block (stopped after it), or None when
-    PREFECT_API_URL is set (a real server: nothing to start)."""
+    PREFECT_API_URL is set (a real server: nothing to start). ``ui``: serve Prefect's UI too
+    (the screenshots need it; a pipeline run does not)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
@@ -62,7 +63,8 @@ def prefect_api(timeout: float = 120.0) -> Iterator[str | None]:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_UI_ENABLED": "1" if ui else "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": url}
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),

@@ -172,21 +172,16 @@ def _publish_results(root: Path, client, parent: str, ran: list[str]) -> None:
     with table.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     links, ui = {}, ui_base(client.tracking_uri)
-    if "evaluate" in ran:
-        evaluate = client.search_runs(
-            [client.get_run(parent).info.experiment_id], max_results=1,
-            filter_string=f"tags.`mixmerge.stage` = 'evaluate' and tags.`mlflow.parentRunId` = '{parent}'")
-        if evaluate:
-            exp = evaluate[0].info.experiment_id
-            for r in client.search_runs([exp], max_results=1000,
-                                        filter_string=f"tags.`mlflow.parentRunId` = '{evaluate[0].info.run_id}'"):
-                links[r.data.tags.get("mixmerge.model")] = f"{ui}/#/experiments/{exp}/runs/{r.info.run_id}"
+    exp = client.get_run(parent).info.experiment_id
+    if "evaluate" in ran:  # evaluate's per-model runs, tagged with this pipeline run
+        for r in client.search_runs([exp], max_results=1000, filter_string=(
+                f"tags.`mixmerge.role` = 'evaluation' and tags.`mixmerge.pipeline_run` = '{parent}'")):
+            links[r.data.tags.get("mixmerge.model")] = f"{ui}/#/experiments/{exp}/runs/{r.info.run_id}"
     columns = ["model", "kind", "accuracy", "nll", "ece", "probe_accuracy", "knn_accuracy"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         name = f"[{row['model']}]({links[row['model']]})" if row["model"] in links else row["model"]
         lines.append("| " + " | ".join([name] + [row[c] for c in columns[1:]]) + " |")
-    exp = client.get_run(parent).info.experiment_id
     header = (f"Test scores of every model (`{layout.MODELS_CSV}`). MLflow: [pipeline run]"
               f"({ui}/#/experiments/{exp}/runs/{parent})"
               + ("" if "evaluate" in ran else "; evaluate was up to date, so the models link to no run of this flow"))

@@ -133,16 +133,16 @@ def model_metrics(scores: dict) -> dict[str, float]:
 
 
 def record_models(tracker: Tracker, r, files: dict[str, tuple[str, str]], producers: dict[str, str]) -> None:
-    """One run per evaluated model, nested under the evaluate run, all with the same metric
-    keys; its description links the run that made the model. A registered model's test scores
+    """One run per evaluated model, all with the same metric keys, listed as rows of their own
+    (tagged with the evaluate run); its description links the run that made the model. A registered model's test scores
     are also logged against its logged model (the experiment's Models tab)."""
     experts = [n for n, (kind, _) in files.items() if kind == "expert"]
     for name, scores in r.models.items():
         kind, path = files.get(name, ("ensemble", ""))
         made_by = {path: producers[path]} if path in producers else {
             files[e][1]: producers[files[e][1]] for e in experts if files[e][1] in producers}
-        with tracker.nested(name, {"mixmerge.role": "evaluation", "mixmerge.model": name,
-                                   "mixmerge.model_kind": kind}) as child:
+        with tracker.nested(f"evaluate/{name}", {"mixmerge.role": "evaluation", "mixmerge.model": name,
+                                   "mixmerge.model_kind": kind}, listed=True) as child:
             child.log_params({"model": name, "kind": kind, "file": path or "ensemble of the experts' softmax"})
             logged = tracker.logged_model_of(producers.get(path)) if kind in ("merged", "federated") else None
             child.log_metrics(model_metrics(scores), model_id=logged)  # a registered model's scores are its own too

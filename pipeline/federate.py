@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             # models are: MLflow copies a run's params and step-0 metrics (system/* here) onto
             # every model logged in it.
             final = next(r for r in reversed(all_rows) if r["run"] == name)
-            with tracker.nested(name, {"mixmerge.role": "federated_model", "mixmerge.model": f"fed_{name}",
+            with tracker.nested(f"federate/{name}/global_model", {"mixmerge.role": "federated_model", "mixmerge.model": f"fed_{name}",
                                        "mixmerge.model_kind": "federated"}) as child:
                 child.log_params({"run": name, **spec, "rounds": cfg.rounds, "clients": k})
                 child.log_metrics({"final_test_accuracy": final["test_accuracy"],

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             # accuracy and its logged model are its own (MLflow copies a run's params and
             # metrics onto every model logged in it), and evaluate's lineage finds it.
             path = layout.MERGED / f"{name}.safetensors"
-            with tracker.nested(name, {"mixmerge.role": "merged_model", "mixmerge.model": name,
+            with tracker.nested(f"merge/{name}", {"mixmerge.role": "merged_model", "mixmerge.model": name,
                                        "mixmerge.model_kind": "merged"}) as child:
                 child.log_params({"merger": name, "method": spec.method, "options": spec.options,
                                   "align": cfg.align, "bn_recalibration": recal, "experts": len(experts)})

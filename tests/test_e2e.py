@@ -154,6 +154,9 @@ def test_mlflow_parent_and_child_runs(mlflow_client):
         for r in runs:
             if stage in stages:
                 assert r.data.tags["mlflow.parentRunId"] == parent
+            elif stage == "evaluation":  # a row of its own, tagged with its stage's and pipeline's runs
+                assert "mlflow.parentRunId" not in r.data.tags
+                assert r.data.tags["mixmerge.stage_run"] in stage_runs and r.data.tags["mixmerge.pipeline_run"] == parent
             elif stage != "pipeline":  # a model's run, under its stage's run
                 assert r.data.tags["mlflow.parentRunId"] in stage_runs
                 assert r.info.status == "FINISHED"
@@ -194,7 +197,7 @@ def test_mlflow_has_one_comparable_run_per_model(mlflow_client, repro_project):
         assert set(r.data.metrics) == expected, name
         assert r.data.metrics["accuracy"] == float(table[name]["accuracy"]), name
         assert r.data.tags["mixmerge.model_kind"] == table[name]["kind"]
-        assert r.data.tags["mlflow.parentRunId"] == by["evaluate"][0].info.run_id
+        assert r.data.tags["mixmerge.stage_run"] == by["evaluate"][0].info.run_id
     assert not [k for k in by["evaluate"][0].data.metrics if k.startswith(("expert_", "ties.", "fed_"))], \
         "the evaluate run keeps the summary; the models' scores are in their own runs"
 
@@ -351,3 +354,32 @@ def test_dvc_draws_one_line_per_federate_run(repro_project):
     spec = plot["content"]
     assert spec["encoding"]["color"]["field"] == "run" and spec["encoding"]["x"]["field"] == "round"
     assert {v["run"] for v in spec["data"]["values"]} == {n.removeprefix("fed_") for n in FEDERATED}
+
+
+def test_dvc_plots_diff_draws_both_revisions(repro_project, tmp_path):
+    """`dvc plots diff` between a committed result and a changed one: every chart carries the
+    data points of both revisions (the templates tell them apart by dash, opacity or facet)."""
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(repro_project, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for cmd in (["git", "add", "-A"], [*git, "commit", "-qm", "first results"]):
+        assert run(cmd, root).returncode == 0
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["ece_bins"] = 10  # evaluate alone reruns; the reliability bins change
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run([sys.executable, "-m", "dvc", "repro"], root, MLFLOW_TRACKING_URI=store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run([sys.executable, "-m", "dvc", "plots", "diff", "HEAD", "--json"], root)
+    shown = json.loads(proc.stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    for title, plots in shown["data"].items():
+        if plots[0]["type"] != "vega":
+            continue
+        assert {v["rev"] for v in _datapoints(plots[0]["content"])} == {"HEAD", "workspace"}, title
+    reliability = next(p for t, p in shown["data"].items() if t.startswith("Reliability"))
+    bins = {rev: {v["bin"] for v in _datapoints(reliability[0]["content"]) if v["rev"] == rev}
+            for rev in ("HEAD", "workspace")}
+    assert len(bins["HEAD"]) == 15 and len(bins["workspace"]) == 10

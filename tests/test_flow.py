@@ -217,9 +217,8 @@ def test_prefect_artifact_links_every_model_to_its_mlflow_run(flow_project):
     (artifact,) = [a for a in artifacts if a.key == "mixmerge-results"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mixmerge").experiment_id
-    (evaluate,) = client.search_runs(
-        [exp], f"tags.`mixmerge.stage` = 'evaluate' and tags.`mlflow.parentRunId` = '{summary['mlflow_parent_run']}'")
-    evaluated = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{evaluate.info.run_id}'", max_results=100)
+    evaluated = client.search_runs([exp], f"tags.`mixmerge.pipeline_run` = '{summary['mlflow_parent_run']}' and "
+                                          f"tags.`mixmerge.role` = 'evaluation'", max_results=100)
     models = (root / "results/models.csv").read_text().splitlines()[1:]
     assert len(evaluated) == len(models)
     for r in evaluated:

@@ -28,7 +28,7 @@ def test_every_stage_output_is_declared_in_dvc_yaml():
                 layout.PRETRAIN_METRICS, layout.MERGED, layout.METRICS, layout.MODELS_CSV, layout.SHARDS_CSV,
                 layout.RELIABILITY_CSV, layout.PER_CLASS_CSV, layout.COMPARISON_PNG, layout.RELIABILITY_PNG,
                 layout.PARTITION_CARD, layout.MERGE_GAP_CSV, layout.PAIRS_CSV, layout.INTERPOLATION_CSV,
-                layout.INTERPOLATION_PNG, layout.FEDERATED, layout.ROUNDS_CSV}
+                layout.INTERPOLATION_PNG, layout.FEDERATED, layout.ROUNDS_CSV, layout.TRAINING_CSV}
     expected = {str(p) for p in expected} | {"data/experts/shard_${item}.safetensors", "data/history/shard_${item}.csv"}
     assert declared_outputs() == expected
     assert str(layout.expert(3)) == "data/experts/shard_3.safetensors"

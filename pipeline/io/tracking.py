@@ -140,8 +140,9 @@ class Tracker:
     SYSTEM_METRICS_INTERVAL_S = 1.0
 
     def __init__(self, stage: str, run_name: str, root: str | Path = ".", params_file: str | Path = "params.yaml",
-                 parent: "Tracker | None" = None, tags: dict[str, str] | None = None):
+                 parent: "Tracker | None" = None, tags: dict[str, str] | None = None, nest: bool = True):
         self.root = Path(root)
+        self.nest = nest
         self.uri = tracking_uri(self.root)
         self.parent, self.extra_tags = parent, dict(tags or {})
         self.monitor = None
@@ -170,12 +171,12 @@ class Tracker:
         else:
             commit = git_commit(self.root)
             parent = os.environ.get(PARENT_ENV) or self._find_or_create_parent(commit)
-        self.commit = commit
+        self.commit, self.parent_run_id = commit, parent
         run = self.client.create_run(
             self.experiment_id,
             run_name=self.run_name,
             tags={
-                "mlflow.parentRunId": parent,
+                **({"mlflow.parentRunId": parent} if self.nest else {}),
                 "mixmerge.stage": self.stage,
                 "mixmerge.git_commit": commit,
                 "mlflow.source.git.commit": commit,
@@ -204,9 +205,16 @@ class Tracker:
             self.monitor.finish()  # its last samples are flushed before the run ends
         self._terminate("FAILED" if exc_type else "FINISHED")
 
-    def nested(self, run_name: str, tags: dict[str, str] | None = None) -> "Tracker":
-        """A run under this one, sharing its store and commit (enter it with ``with``)."""
-        return Tracker(self.stage, run_name, self.root, self.params_file, parent=self, tags=tags)
+    def nested(self, run_name: str, tags: dict[str, str] | None = None, listed: bool = False) -> "Tracker":
+        """A run under this one, sharing its store and commit (enter it with ``with``).
+
+        ``listed``: a top-level row of the runs table instead, tagged with this run
+        (``mixmerge.stage_run``) and the pipeline run (``mixmerge.pipeline_run``). The UI folds
+        nested runs under their parent, and its chart view draws only the rows it shows: runs
+        meant to be compared side by side must be rows of their own."""
+        extra = {"mixmerge.stage_run": self.run_id, "mixmerge.pipeline_run": self.parent_run_id} if listed else {}
+        return Tracker(self.stage, run_name, self.root, self.params_file, parent=self, tags={**(tags or {}), **extra},
+                       nest=not listed)
 
     @store_guarded
     def _terminate(self, status: str) -> None:
@@ -298,8 +306,10 @@ class Tracker:
     def lineage_markdown(self, producers: dict[str, str], heading: str = "Inputs and the runs that wrote them") -> str:
         """The run's description: each input a link to the run that wrote it (the UI renders
         Markdown there; the tags hold the same ids for the API)."""
+        names = {run: self.client.get_run(run).info.run_name for run in set(producers.values())}
         lines = [f"**{heading}** (mixmerge lineage, commit `{self.commit[:10]}`)", ""]
-        lines += [f"- `{path}` <- {run_link(self.experiment_id, run, run[:12])}" for path, run in sorted(producers.items())]
+        lines += [f"- `{path}` <- {run_link(self.experiment_id, run, f'{names[run]} ({run[:8]})')}"
+                  for path, run in sorted(producers.items())]
         return "\n".join(lines)
 
     @store_guarded
