@@ -9,8 +9,13 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# How long the flow waits for DVC's repository lock held by another dvc process
+LOCK_WAIT_S = float(os.environ.get("MIXMERGE_DVC_LOCK_WAIT_S", 600))
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,25 @@ def stale(root: Path, names: list[str]) -> list[str]:
     Asked in-process, under DVC's repository lock, of each stage itself (what `dvc status`
     computes per stage): starting a `dvc status` process per layer was most of the flow's
     per-stage overhead."""
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo, repo.lock:
-        stages = {s.name: s for s in repo.index.stages}
-        return [n for n in names if stages[n].status()]
+    deadline, said = time.monotonic() + LOCK_WAIT_S, False
+    while True:
+        try:
+            with Repo(str(root)) as repo, repo.lock:
+                stages = {s.name: s for s in repo.index.stages}
+                return [n for n in names if stages[n].status()]
+        except LockError:
+            # another DVC process (a `dvc repro`, a `dvc commit`) holds the repository: wait
+            # for it, as `dvc --wait-for-lock` does, but not for ever
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"DVC's repository lock in {root} stayed taken for {LOCK_WAIT_S:.0f} s "
+                                   f"(another dvc process is running there)") from None
+            if not said:
+                print(f"waiting for DVC's repository lock in {root} (another dvc process holds it)", flush=True)
+                said = True
+            time.sleep(0.5)
 
 
 def commit(root: Path, names: list[str]) -> None:
@@ -100,10 +119,13 @@ def unit_command(unit: list[Stage]) -> Stage:
     return Stage(SHARD_STAGE + ",".join(shards), f"python -m pipeline.mix_train --shard {' '.join(shards)}")
 
 
-def python_module(stage: Stage) -> tuple[str, list[str]]:
+def python_module(stage: Stage, strict: bool = True) -> tuple[str, list[str]] | None:
     """(module, arguments) of a stage command of the form ``python -m <module> [args...]``,
-    split as a shell would but never run by one."""
+    split as a shell would but never run by one; for another command, a ValueError (or None
+    when not ``strict``)."""
     argv = shlex.split(stage.cmd)
     if len(argv) < 3 or argv[0] != "python" or argv[1] != "-m":
+        if not strict:
+            return None
         raise ValueError(f"{stage.name}: `{stage.cmd}` is not `python -m <module> ...`")
     return argv[2], argv[3:]

@@ -11,6 +11,7 @@ Run: python -m flows.pipeline_flow [--stack-shards]   (a Prefect server of its o
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import shlex
@@ -36,9 +37,14 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvc_commands as dvc
+from flows import stage_runner
 from flows.local_server import die_with_parent
+from flows.project_lock import ProjectBusy, project_lock
 
 EXIT_BAD_CONFIG = 2
+# Stage commands run forked from a warm process (flows.stage_runner); MIXMERGE_COLD_STAGES=1
+# starts each as its own interpreter instead, as `dvc repro` does.
+WARM_STAGES = os.environ.get("MIXMERGE_COLD_STAGES", "") in ("", "0")
 
 
 class StageConfigError(RuntimeError):
@@ -66,15 +72,22 @@ def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[st
     # Split as a shell would, run without one: no parameter that reaches a command (dvc.yaml's
     # ${item}) can become shell syntax.
     # The stage dies with the flow (parent-death signal): a killed flow leaves no stage running on.
-    proc = subprocess.Popen(shlex.split(stage.cmd), cwd=root, env=dvc.stage_env(env_extra), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1, preexec_fn=die_with_parent)
     stderr_tail: deque[str] = deque(maxlen=1)
     held: list[str] = []  # a traceback, logged whole once we know the stage was not interrupted
-    relay_stderr = threading.Thread(target=_relay, args=(proc.stderr, logger.warning, stderr_tail, held), daemon=True)
-    relay_stderr.start()
-    _relay(proc.stdout, logger.info, deque(maxlen=1))
-    relay_stderr.join()
-    returncode = proc.wait()
+    relay_out = lambda stream: _relay(stream, logger.info, deque(maxlen=1))  # noqa: E731
+    relay_err = lambda stream: _relay(stream, logger.warning, stderr_tail, held)  # noqa: E731
+    module = dvc.python_module(stage, strict=False) if WARM_STAGES else None
+    if module is not None:  # forked from a process that has torch and MLflow imported already
+        returncode = stage_runner.run_module(*module, root, dvc.stage_env(env_extra), relay_out, relay_err).returncode
+    else:
+        proc = subprocess.Popen(shlex.split(stage.cmd), cwd=root, env=dvc.stage_env(env_extra), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1, preexec_fn=die_with_parent)
+        # in a copy of this context: Prefect's run context and API settings are context variables
+        relay_stderr = threading.Thread(target=contextvars.copy_context().run, args=(relay_err, proc.stderr), daemon=True)
+        relay_stderr.start()
+        relay_out(proc.stdout)
+        relay_stderr.join()
+        returncode = proc.wait()
     if returncode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM):
         # Ctrl-C: the stage's KeyboardInterrupt traceback says nothing the user does not know
         raise StageInterrupted(f"{stage.name}: interrupted (signal); the stages that finished are recorded")
@@ -200,6 +213,11 @@ def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dic
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
+    with project_lock(root, say=logger.warning):  # a second flow here waits for this one
+        return _bring_up_to_date(root, stack_shards, logger)
+
+
+def _bring_up_to_date(root: Path, stack_shards: bool, logger) -> dict:
     try:
         client, parent = _start_parent_run(root)
     except Exception as e:  # noqa: BLE001  (MLflow, requests and SQLAlchemy errors alike)
@@ -285,5 +303,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C: the stages got it too and stopped; the server is stopped
         print("interrupted: the stages that finished are recorded in dvc.lock", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    except ProjectBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(75)  # EX_TEMPFAIL: try again later
     print(f"ran: {', '.join(summary['ran']) or 'nothing'}; up to date: {', '.join(summary['skipped']) or 'nothing'}")
     sys.exit(0)

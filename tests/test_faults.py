@@ -202,7 +202,8 @@ def test_a_flow_killed_mid_pipeline_keeps_what_it_finished_and_leaves_nothing_ru
         pids = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if os.readlink(f"/proc/{pid}/cwd") == str(root) and b"pipeline." in open(f"/proc/{pid}/cmdline", "rb").read():
+                # a stage (forked from the warm server, whose command line it shares) or that server
+                if os.readlink(f"/proc/{pid}/cwd") == str(root) and b"python" in open(f"/proc/{pid}/cmdline", "rb").read():
                     pids.append(int(pid))
             except OSError:
                 continue
@@ -308,7 +309,7 @@ def test_ctrl_c_stops_the_flow_in_seconds_in_one_line_keeping_what_finished(tmp_
         if lock.exists() and "pretrain" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
             break
         time.sleep(0.2)
-    time.sleep(2.0)  # mix_train's processes are running now
+    time.sleep(5.0)  # mix_train's processes are running now (400 epochs: for a minute at least)
     os.killpg(flow.pid, signal.SIGINT)
     started = time.time()
     try:
@@ -321,3 +322,62 @@ def test_ctrl_c_stops_the_flow_in_seconds_in_one_line_keeping_what_finished(tmp_
     assert "Traceback" not in stderr
     stages = yaml.safe_load(lock.read_text())["stages"]
     assert {"prepare", "pretrain"} <= set(stages) and not any(s.startswith("mix_train") for s in stages)
+
+
+def _holder(code: str, cwd) -> "subprocess.Popen":
+    """A separate process that takes a lock, says so on stdout, and keeps it until killed."""
+    import subprocess
+
+    from tests.conftest import subprocess_env
+
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=subprocess_env(), text=True,
+                            stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_flow_waits_for_the_first_and_a_killed_one_frees_the_project(tmp_path):
+    """Two flows in one project would both compute every stale stage: the second waits for the
+    project's flow lock, and a holder killed with SIGKILL leaves no lock behind."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from flows.project_lock import ProjectBusy, project_lock
+
+    holder = _holder("import time; from pathlib import Path; from flows.project_lock import project_lock\n"
+                     f"with project_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(600)",
+                     tmp_path)
+    said = []
+    with pytest.raises(ProjectBusy, match=f"pid {holder.pid} on"):
+        with project_lock(tmp_path, wait_s=1.0, say=said.append):
+            pass
+    assert said and f"pid {holder.pid}" in said[0], "the waiting flow says whom it waits for"
+    threading.Timer(1.0, os.kill, (holder.pid, signal.SIGKILL)).start()
+    started = time.monotonic()
+    with project_lock(tmp_path, wait_s=60):  # the kernel dropped the dead holder's lock
+        waited = time.monotonic() - started
+    holder.wait()
+    assert 0.8 < waited < 30
+
+
+def test_the_flow_waits_for_a_dvc_process_holding_the_repository(tmp_path):
+    """A flow beside `dvc repro` (any dvc process holding DVC's lock) waits for the lock instead
+    of failing on DVC's LockError."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from flows import dvc_commands
+
+    root = make_project(tmp_path, TINY)
+    holder = _holder("import time; from dvc.repo import Repo\nrepo = Repo('.'); repo.lock.lock()\n"
+                     "print('held', flush=True); time.sleep(600)", root)
+    threading.Timer(1.5, os.kill, (holder.pid, signal.SIGKILL)).start()
+    started = time.monotonic()
+    stale = dvc_commands.stale(root, ["prepare", "pretrain"])
+    holder.wait()
+    assert stale == ["prepare", "pretrain"]
+    assert time.monotonic() - started > 1.2, "it waited for the holder"

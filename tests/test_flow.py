@@ -227,3 +227,19 @@ def test_prefect_artifact_links_every_model_to_its_mlflow_run(flow_project):
     parent = client.get_run(summary["mlflow_parent_run"])
     assert parent.data.tags["mixmerge.prefect_flow_run_id"] == summary["prefect_flow_run"]
     assert summary["prefect_flow_run"] in parent.data.tags["mlflow.note.content"]
+
+
+def test_a_flow_waits_for_another_flow_in_the_same_project(flow_project, monkeypatch):
+    from flows.project_lock import ProjectBusy
+    from tests.test_faults import _holder
+
+    root, _ = flow_project
+    holder = _holder("import time; from pathlib import Path; from flows.project_lock import project_lock\n"
+                     f"with project_lock(Path({str(root)!r})):\n    print('held', flush=True); time.sleep(600)", root)
+    monkeypatch.setenv("MIXMERGE_FLOW_WAIT_S", "1")
+    try:
+        with pytest.raises(ProjectBusy, match=f"pid {holder.pid}"):
+            mixmerge_pipeline(project_dir=str(root))
+    finally:
+        holder.kill()
+        holder.wait()
