@@ -85,7 +85,8 @@ def prefect_api(timeout: float = 120.0, ui: bool = False) -> Iterator[str | None
             if time.time() > deadline:
                 raise RuntimeError(f"the Prefect server did not answer on {url} within {timeout:.0f} s")
             time.sleep(0.2)
-        print(f"Prefect server for this run: {url} (pid {server.pid}; stops with this process)", flush=True)
+        print(f"Prefect server for this run: {url} (pid {server.pid}, ready in {time.time() - deadline + timeout:.1f} s; "
+              f"stops with this process)", flush=True)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:

@@ -42,9 +42,6 @@ from flows.local_server import die_with_parent
 from flows.project_lock import ProjectBusy, project_lock
 
 EXIT_BAD_CONFIG = 2
-# Stage commands run forked from a warm process (flows.stage_runner); MIXMERGE_COLD_STAGES=1
-# starts each as its own interpreter instead, as `dvc repro` does.
-WARM_STAGES = os.environ.get("MIXMERGE_COLD_STAGES", "") in ("", "0")
 
 
 class StageConfigError(RuntimeError):
@@ -76,7 +73,7 @@ def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[st
     held: list[str] = []  # a traceback, logged whole once we know the stage was not interrupted
     relay_out = lambda stream: _relay(stream, logger.info, deque(maxlen=1))  # noqa: E731
     relay_err = lambda stream: _relay(stream, logger.warning, stderr_tail, held)  # noqa: E731
-    module = dvc.python_module(stage, strict=False) if WARM_STAGES else None
+    module = dvc.python_module(stage, strict=False) if stage_runner.warm() else None
     if module is not None:  # forked from a process that has torch and MLflow imported already
         returncode = stage_runner.run_module(*module, root, dvc.stage_env(env_extra), relay_out, relay_err).returncode
     else:
@@ -131,6 +128,22 @@ def _start_parent_run(root: Path) -> tuple[object, str]:
                              {"mixmerge.git_commit": commit, "mixmerge.orchestrator": "prefect",
                               "mixmerge.flow_host": socket.gethostname(), "mixmerge.flow_pid": str(os.getpid())})
     return client, run.info.run_id
+
+
+def _open_tracking_store(root: Path) -> None:
+    """Open (and on a fresh project create) the MLflow store and experiment ahead of the flow.
+    A failure here is left to the flow, which reports it in one line when it opens its run."""
+    from pipeline.io.tracking import ensure_experiment, tracking_uri
+
+    uri = tracking_uri(root)
+    if not uri.startswith("sqlite:"):  # a server: nothing to create here, and an outage would be waited for twice
+        return
+    try:
+        from mlflow import MlflowClient
+
+        ensure_experiment(MlflowClient(uri), root)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _close_orphaned_parents(client, experiment: str) -> None:
@@ -262,6 +275,11 @@ def _bring_up_to_date(root: Path, stack_shards: bool, logger) -> dict:
                 dvc.commit(root, uncommitted)
                 uncommitted = []
             if failed:
+                errors = [futures[name][1].state.result(raise_on_failure=False) for name in failed]
+                if any(isinstance(e, StageInterrupted) for e in errors):
+                    # Ctrl-C reached the stages; when it reaches this thread only after they
+                    # stopped (a signal can land on another thread), it is still an interrupt
+                    raise KeyboardInterrupt("a stage was interrupted")
                 futures[failed[0]][1].result()  # re-raise the first failure
             if todo:
                 logger.info(f"ran {sorted(todo)}; up to date: {[n for n in names if n not in todo]}")
@@ -297,8 +315,13 @@ if __name__ == "__main__":
     args = cli.parse_args()
     from flows.local_server import prefect_api
 
+    if stage_runner.warm():
+        stage_runner.prewarm()  # its imports overlap the Prefect server's start
+    store = threading.Thread(target=_open_tracking_store, args=(Path(args.project_dir).resolve(),), daemon=True)
+    store.start()  # so does opening the MLflow store (creating a fresh one's tables takes seconds)
     try:
         with prefect_api():  # a server of this run's own when PREFECT_API_URL is not set
+            store.join()
             summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards)
     except KeyboardInterrupt:  # Ctrl-C: the stages got it too and stopped; the server is stopped
         print("interrupted: the stages that finished are recorded in dvc.lock", file=sys.stderr)

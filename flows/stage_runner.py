@@ -12,6 +12,7 @@ imports the project's current source, from its own folder.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import multiprocessing
@@ -30,6 +31,12 @@ PRELOAD = [
     "mlflow.system_metrics.system_metrics_monitor",
 ]
 
+def warm() -> bool:
+    """Whether stage commands run forked from the warm server; MIXMERGE_COLD_STAGES=1 starts
+    each as its own interpreter instead, as `dvc repro` does (the benchmark's baseline)."""
+    return os.environ.get("MIXMERGE_COLD_STAGES", "") in ("", "0")
+
+
 _context = None
 _lock = threading.RLock()
 
@@ -43,6 +50,19 @@ def context():
             ctx.set_forkserver_preload(PRELOAD)
             _context = ctx
     return _context
+
+
+def prewarm() -> None:
+    """Start the warm server now, in the background: its imports (4-5 s on 2 cores) then
+    overlap whatever the caller does next (the flow: starting its Prefect server)."""
+    def start() -> None:
+        from multiprocessing import forkserver
+
+        context()  # sets the preload list
+        with _lock:
+            forkserver.ensure_running()
+
+    threading.Thread(target=start, daemon=True, name="stage-runner-prewarm").start()
 
 
 @dataclass
@@ -70,9 +90,23 @@ def _child(module: str, argv: list[str], cwd: str, env: dict[str, str], out, err
 
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit:
+        atexit._run_exitfuncs()
+        raise  # multiprocessing turns it into the exit status, as the interpreter would
     except KeyboardInterrupt:  # Ctrl-C: exit as an interrupted `python -m` would
+        sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + signal.SIGINT)
+    except BaseException:  # noqa: BLE001  (the traceback as `python -m` prints it, without
+        import traceback  # multiprocessing's "Process ForkServerProcess-N:" line before it)
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    # A forked child leaves through os._exit, which skips atexit: run what the stage
+    # registered there, as the interpreter would at the end of `python -m`.
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
 

@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -31,6 +32,8 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import stage_runner
 
 from pipeline.runtime.config import set_key
 
@@ -191,13 +194,25 @@ def prepare_cell(cell_dir: Path, params: dict) -> bool:
 @task(retries=1, retry_condition_fn=lambda t, r, state: not isinstance(state.result(raise_on_failure=False), ValueError),
       task_run_name="{name}")
 def run_cell(name: str, cell_dir: str, env: dict[str, str]) -> str:
+    # forked from the warm server (flows.stage_runner): a cell pays no interpreter start and
+    # no torch or MLflow import of its own; its output, stdout and stderr, goes to its log
+    lock = threading.Lock()
     with open(Path(cell_dir) / "log.txt", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "flows.sweep_cell", cell_dir], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode == EXIT_BAD_CONFIG:
+        def to_log(stream):
+            for line in stream:
+                with lock:
+                    log.write(line)
+                    log.flush()
+
+        if stage_runner.warm():
+            returncode = stage_runner.run_module("flows.sweep_cell", [cell_dir], str(REPO), env, to_log, to_log).returncode
+        else:  # a fresh interpreter per cell (MIXMERGE_COLD_STAGES=1)
+            returncode = subprocess.run([sys.executable, "-m", "flows.sweep_cell", cell_dir], cwd=REPO, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode == EXIT_BAD_CONFIG:
         raise ValueError(f"{name}: bad configuration (see {cell_dir}/log.txt)")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name}: exited with {proc.returncode} (see {cell_dir}/log.txt)")
+    if returncode != 0:
+        raise RuntimeError(f"{name}: exited with {returncode} (see {cell_dir}/log.txt)")
     return name
 
 

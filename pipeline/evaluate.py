@@ -17,6 +17,7 @@ from pipeline.io.checkpoints import md5, write_csv, write_json
 from pipeline.io.stage_io import load_manifest, load_model, load_prepared, split_digest
 from pipeline.io.tracking import Tracker
 from pipeline.runtime import cli, config
+from pipeline.runtime.progress import ComputeClock
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,11 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         for split in ("test", "validation"):
             tracker.log_dataset(split, layout.DATASET, split_digest(dataset_md5, split), split)
         loaded = ((name, kind, load_model(path, device)[0]) for name, kind, path in candidates)
-        result = compare(loaded, splits, hists, protocol.pairs, cfg.ece_bins, cfg.batch_size,
-                         cfg.interpolation_points)
+        clock = ComputeClock(device)
+        with clock.measure():  # the checkpoints are read lazily, inside: a small part on local disk
+            result = compare(loaded, splits, hists, protocol.pairs, cfg.ece_bins, cfg.batch_size,
+                             cfg.interpolation_points)
         outs = write_outputs(result, protocol)
         tracker.record_outputs(outs)
-        tracker.log_metrics(summary_metrics(result))
+        tracker.log_metrics({**summary_metrics(result), "compute_seconds": clock.seconds})
         tracker.log_artifacts(outs)
         record_models(tracker, result, {name: (kind, str(path)) for name, kind, path in candidates}, producers)
         if "best_merged_by_val" in result.summary:

@@ -39,7 +39,7 @@ from pipeline.methods.merge.data import MergeData
 from pipeline.methods.mix.recipe import MixRecipe
 from pipeline.nn.models import build
 from pipeline.runtime import cli, config
-from pipeline.runtime.progress import Progress
+from pipeline.runtime.progress import ComputeClock, Progress
 from pipeline.train.combine import combine, merger_takes
 from pipeline.train.loop import Schedule
 from pipeline.train.rounds import Federation, RoundState, run_decentralised_round, run_round
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
                 for row in rows:
                     tracker.log_metrics(metric_values(row), step=row["round"])
             line = Progress(f"federate[{name}]", cfg.rounds, unit="round")
+            clock = ComputeClock(device)
             while state.round < cfg.rounds:
+                clock.start()
                 started = time.perf_counter()
                 if run.decentralised:
                     state, trained, start = decentralised_round(model, state, sources, recipe_for, generator_for,
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                                                         schedule_of(state.round), fed, device, data_for=merge_data)
                 computed = time.perf_counter() - started
                 if state.round % cfg.eval_every and state.round < cfg.rounds:
+                    clock.stop()
                     save_round(checkpoint_path(name), state, rows, print_)
                     continue
                 learned = [n for n, _ in model.named_parameters()]
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                        # decentralised: the nodes' mean accuracy on their own, without the final merge
                        "node_test_accuracy": node_accuracy(model, state, data) if run.decentralised else ""}
                 row = {c: (round(v, 6) if isinstance(v, float) else v) for c, v in row.items()}
+                clock.stop()  # training and scoring the round; its checkpoint below is IO
                 rows.append(row)
                 save_round(checkpoint_path(name), state, rows, print_)
                 tracker.log_metrics({**metric_values(row), "round_seconds": time.perf_counter() - started,
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             out = staged / f"{name}.safetensors"
             save_tensors(out, state.global_state, metas[name])
             tracker.log_metrics({"final_test_accuracy": rows[-1]["test_accuracy"],
-                                 "final_val_accuracy": rows[-1]["val_accuracy"]})
+                                 "final_val_accuracy": rows[-1]["val_accuracy"], "compute_seconds": clock.seconds})
             outs.append((name, tracker, producers, spec))
             print(f"federate: {name} ({describe(run)}) after {cfg.rounds} rounds: test accuracy "
                   f"{rows[-1]['test_accuracy']:.4f}")

@@ -13,6 +13,7 @@ import shutil
 import torch
 
 from pipeline.runtime import cli, config
+from pipeline.runtime.progress import ComputeClock
 from pipeline.io import layout
 from pipeline.nn.batchnorm import has_batchnorm, recalibrate
 from pipeline.io.checkpoints import (check_finite, load_metadata, load_tensors, md5, replace_dir, save_tensors,
@@ -82,13 +83,16 @@ def main(argv: list[str] | None = None) -> None:
         staged = staging_dir(layout.MERGED)
         val_acc, metas = {}, {}
         stack.callback(shutil.rmtree, staged, ignore_errors=True)  # gone if anything below fails
+        clock = ComputeClock(device)
         for name, spec in cfg.mergers.items():
+            clock.start()
             merged = combine(spec.method, experts, base_state, weights, spec.options, data=merge_data,
                              seed=base.seed)
             model.load_state_dict(merged)
             if recal:
                 recalibrate(model, data.x_train, cfg.bn_batch_size)
             val_acc[name] = accuracy(predict_logits(model, data.x_val), data.y_val)
+            clock.stop()
             metas[name] = {
                 **inherited_metadata(base_meta),
                 "stage": "merge",
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             save_tensors(staged / f"{name}.safetensors", model.state_dict(), metas[name])
         replace_dir(layout.MERGED, staged)
+        tracker.log_metrics({"compute_seconds": clock.seconds})
 
         for name, spec in cfg.mergers.items():
             # One run per merged model, nested under this one: its params, its validation

@@ -18,7 +18,7 @@ from pipeline.io import layout
 from pipeline.io.checkpoints import md5, save_tensors, write_csv
 from pipeline.evaluation.metrics import accuracy, nll
 from pipeline.methods.mix.recipe import MixRecipe
-from pipeline.runtime.progress import Progress
+from pipeline.runtime.progress import ComputeClock, Progress
 from pipeline.train.engine import can_stack, train_models
 from pipeline.io.stage_io import inherited_metadata, load_manifest, load_model, load_prepared, shard_tensors, source, split_digest
 from pipeline.io.tracking import Tracker
@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> None:
                 val_curves[i]["val_accuracy"].append(accuracy(logits, data.y_val))
                 val_curves[i]["val_loss"].append(nll(logits, data.y_val))
 
-        states, histories = train_models(
-            model, [init] * len(shards), shard_data, recipes, schedule,
-            [cli.generator(batch_order_seed(base.seed, k), device) for k in shards], device,
-            stack=stacked, compile=base.compile, on_epoch=report, after_epoch=validate,
-        )
+        clock = ComputeClock(device)
+        with clock.measure():
+            states, histories = train_models(
+                model, [init] * len(shards), shard_data, recipes, schedule,
+                [cli.generator(batch_order_seed(base.seed, k), device) for k in shards], device,
+                stack=stacked, compile=base.compile, on_epoch=report, after_epoch=validate,
+            )
 
         for i, (k, tracker, state, history, shard) in enumerate(zip(shards, trackers, states, histories, shard_data)):
             curves = val_curves[i]
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                                   "val_accuracy": round(curves["val_accuracy"][e], 6)} for e, v in enumerate(history)],
                       ["epoch", "loss", "val_loss", "val_accuracy"])
             tracker.log_history({"loss": history, **curves})  # val_accuracy's last step is the final value
+            tracker.log_metrics({"compute_seconds": clock.seconds / len(shards)})  # trained together: a share each
             tracker.record_outputs([out, hist_csv])
             tracker.log_artifacts([hist_csv])
             print(f"mix_train: shard {k} ({len(shard)} samples, {mixer_name}, {cfg.loss.method}) val accuracy {val_acc:.4f}")

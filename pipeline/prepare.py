@@ -13,6 +13,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from pipeline.runtime import cli, config
+from pipeline.runtime.progress import ComputeClock
 from pipeline.io import layout, plots
 from pipeline.io.checkpoints import atomic_write, md5, save_tensors, write_json
 from pipeline.io.datasets import DATASETS, Images
@@ -79,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup(base.seed, "cpu", base.torch_threads)
     k = len(base.shards)
 
-    raw = DATASETS[cfg.dataset](root=cfg.root, download=cfg.download, image_size=cfg.image_size)
-    train, val, test = split(raw.train, raw.test, cfg.val_fraction, cfg.test_fraction, base.seed)
+    clock = ComputeClock()
+    with clock.measure():  # decoding and splitting the dataset is this stage's computation
+        raw = DATASETS[cfg.dataset](root=cfg.root, download=cfg.download, image_size=cfg.image_size)
+        train, val, test = split(raw.train, raw.test, cfg.val_fraction, cfg.test_fraction, base.seed)
     if k > len(train.y):
         raise config.ConfigError(f"base.shards has {k} shards: more than the {len(train.y)} training samples")
     part = cfg.partition
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     accepted = inspect.signature(partitioner).parameters
     opts = {k: v for k, v in part.model_dump().items() if k != "method" and k in accepted}
     try:
-        shards = partitioner(train.y.numpy(), k, np.random.default_rng(base.seed), **opts)
+        with clock.measure():
+            shards = partitioner(train.y.numpy(), k, np.random.default_rng(base.seed), **opts)
     except ValueError as e:
         raise config.ConfigError(f"prepare.partition ({part.method}): {e}") from None
 
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             "heterogeneity": manifest["heterogeneity"],
             **{f"shard_size.{i}": len(s) for i, s in enumerate(shards)},
             "train_size": len(train.y), "val_size": len(val.y), "test_size": len(test.y),
+            "compute_seconds": clock.seconds,
         })
         tracker.log_artifacts([layout.MANIFEST, layout.PARTITION_PNG, layout.PARTITION_CARD])
     print(f"prepare: {cfg.dataset} train/val/test = {len(train.y)}/{len(val.y)}/{len(test.y)}, "

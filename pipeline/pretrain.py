@@ -18,7 +18,7 @@ from pipeline.nn.models import build, channels_last
 from pipeline.methods.pretrain.objectives import OBJECTIVES
 from pipeline.evaluation.probes import probe_scores
 from pipeline.evaluation.subsets import fixed_subset
-from pipeline.runtime.progress import Progress
+from pipeline.runtime.progress import ComputeClock, Progress
 from pipeline.train.data_path import BatchSource
 from pipeline.io.stage_io import architecture, load_prepared, source
 from pipeline.io.tracking import Tracker
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         producers = tracker.record_inputs([layout.DATASET])
         tracker.log_dataset("train", layout.DATASET, md5(layout.DATASET), "training")
 
+        clock = ComputeClock(device)
+        clock.start()  # stopped after the probes, below
         model = build(cfg.arch, arch["in_channels"], arch["num_classes"], arch["width"]).to(device)
         model = channels_last(model)
         objective = OBJECTIVES[cfg.method](model, data.x_train[:2].to(device), cfg.temperature).to(device)
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         # probes fitted on at most PROBE_SAMPLES training images (all of the default digits)
         subset = fixed_subset(len(y), PROBE_SAMPLES, base.seed).to(y.device)
         representation = probe_scores(model, x[subset.to(x.device)], y[subset], data.x_val, data.y_val)
+        clock.stop()
 
         metadata = {
             "stage": "pretrain",
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                    **{f"val_{k}": round(v, 6) for k, v in representation.items()}}
         write_json(layout.PRETRAIN_METRICS, metrics)
         tracker.log_history({"loss": history})
-        tracker.log_metrics(metrics)
+        tracker.log_metrics({**metrics, "compute_seconds": clock.seconds})
         tracker.record_outputs([layout.PRETRAINED, layout.PRETRAIN_HISTORY, layout.PRETRAIN_METRICS])
         tracker.log_artifacts([layout.PRETRAIN_HISTORY, layout.PRETRAIN_METRICS])
     print(f"pretrain: {cfg.method} {cfg.arch}, {cfg.epochs} epochs, val accuracy {val_acc:.4f}"

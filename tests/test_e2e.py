@@ -161,6 +161,12 @@ def test_mlflow_parent_and_child_runs(mlflow_client):
                 assert r.data.tags["mlflow.parentRunId"] in stage_runs
                 assert r.info.status == "FINISHED"
                 assert len(r.data.tags["mixmerge.git_commit"]) == 40
+    for stage in stages:  # each stage's computation, within its run's time (the rest is overhead)
+        for r in by[stage]:
+            run_seconds = (r.info.end_time - r.info.start_time) / 1000
+            assert r.data.metrics["compute_seconds"] > 0, (stage, r.info.run_name)
+            if stage != "prepare":  # prepare computes before it opens its run
+                assert r.data.metrics["compute_seconds"] < run_seconds, (stage, r.info.run_name)
     shard_run = by["mix_train"][0]
     assert "mix_train.mixer" in shard_run.data.params and "base.seed" in shard_run.data.params
     history = mlflow_client.get_metric_history(shard_run.info.run_id, "loss")

@@ -317,7 +317,7 @@ def test_ctrl_c_stops_the_flow_in_seconds_in_one_line_keeping_what_finished(tmp_
     finally:
         if flow.poll() is None:
             os.killpg(flow.pid, signal.SIGKILL)
-    assert flow.returncode == 130 and time.time() - started < 30
+    assert flow.returncode == 130 and time.time() - started < 30, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "interrupted: the stages that finished are recorded in dvc.lock"
     assert "Traceback" not in stderr
     stages = yaml.safe_load(lock.read_text())["stages"]
@@ -381,3 +381,51 @@ def test_the_flow_waits_for_a_dvc_process_holding_the_repository(tmp_path):
     holder.wait()
     assert stale == ["prepare", "pretrain"]
     assert time.monotonic() - started > 1.2, "it waited for the holder"
+
+
+def test_stages_interrupted_without_the_flow_stop_the_flow_as_ctrl_c(tmp_path):
+    """SIGINT to the stage processes alone (a signal that reaches the flow's main thread late, or
+    not at all): the flow still reads it as an interrupt, exits 130 in one line, retries nothing."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from tests.conftest import subprocess_env
+
+    root = make_project(tmp_path, {**TINY, "mix_train.epochs": 400})
+    flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline_flow", "--project-dir", str(root)], cwd=root,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lock, deadline = root / "dvc.lock", time.time() + 300
+    while time.time() < deadline and flow.poll() is None:
+        if lock.exists() and "pretrain" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
+            break
+        time.sleep(0.2)
+    time.sleep(5.0)
+
+    def parent_of(pid):
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+    def in_project(pid):
+        try:
+            return os.readlink(f"/proc/{pid}/cwd") == str(root)
+        except OSError:
+            return False
+
+    # the stages: processes in the project folder whose parent is not the flow (the warm server's children)
+    stages = [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+              if int(p) != flow.pid and in_project(p) and parent_of(p) != flow.pid]
+    assert stages, "mix_train runs"
+    for pid in stages:
+        os.kill(pid, signal.SIGINT)
+    try:
+        _, stderr = flow.communicate(timeout=60)
+    finally:
+        if flow.poll() is None:
+            os.killpg(flow.pid, signal.SIGKILL)
+    assert flow.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted: the stages that finished are recorded in dvc.lock"
+    assert "Retry" not in stderr

@@ -277,10 +277,18 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         ds = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=digest[:36])
-        self.client.log_inputs(
-            self.run_id,
-            datasets=[DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])],
-        )
+        inputs = [DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as e:  # noqa: BLE001
+                # Shards started at once insert the same dataset (the validation split) at once;
+                # MLflow's SQL store gets-or-creates it in two steps, so one of them meets the
+                # other's row (UNIQUE constraint). Again, it finds the row and links it.
+                if "UNIQUE constraint" not in str(e) and "IntegrityError" not in str(e) or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     # -- lineage ---------------------------------------------------------------------------
     @store_guarded

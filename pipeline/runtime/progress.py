@@ -5,6 +5,7 @@ we want at most ~5 lines per training run there.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import TextIO
@@ -31,3 +32,36 @@ class Progress:
             self.stream.flush()
         elif epoch in self.log_epochs:
             print(line, file=self.stream, flush=True)
+
+
+class ComputeClock:
+    """The seconds a stage spends computing (decoding and partitioning, training, merging,
+    evaluating), apart from its imports, file reads and writes and tracking calls. Stages
+    report it as the metric ``compute_seconds``, so that everything else a run costs can be
+    stated as a share of it (`python -m bench --only flow_overhead`)."""
+
+    def __init__(self, device=None):
+        self.seconds = 0.0
+        self.cuda = getattr(device, "type", None) == "cuda"
+
+    @contextlib.contextmanager
+    def measure(self):
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        self._sync()
+        self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._started
+
+    def _sync(self) -> None:
+        if self.cuda:  # kernels run asynchronously: time them to their end
+            import torch
+
+            torch.cuda.synchronize()
