@@ -32,6 +32,7 @@ from pipeline.train.stacked import fit_stacked
 from pipeline.nn.inference import autocast
 from pipeline.train.loop import Schedule, batches, fit
 from bench.rounds import bench_aggregation, bench_round_overhead, bench_rounds_stacked
+from bench.cluster_lab import bench_pool
 from bench.startup import bench_flow_overhead, bench_imports, bench_sweep_cell, bench_sweep_throughput
 
 
@@ -327,7 +328,7 @@ ROWS = {"experts": bench_experts, "data": bench_data_path, "data_digits": bench_
         "dvc": bench_dvc, "flow": bench_flow, "gpu": bench_gpu_utilisation,
         "rounds_stacked": bench_rounds_stacked, "round_overhead": bench_round_overhead,
         "aggregation": bench_aggregation, "flow_overhead": bench_flow_overhead, "sweep_cell": bench_sweep_cell,
-        "sweep_throughput": bench_sweep_throughput, "imports": bench_imports}
+        "sweep_throughput": bench_sweep_throughput, "imports": bench_imports, "pool": bench_pool}
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -299,17 +300,87 @@ def _log_summary(client, exp_id: str, grid: str, out: Path, n_cells: int) -> Non
     client.set_terminated(run.info.run_id)
 
 
+MAX_ATTEMPTS = 3  # a cell whose worker died is run again, at most this many times in all
+
+
+def _finished_cell_run(client, exp_id: str, name: str, params: dict):
+    """The cell's finished record on the tracking server, if any (the newest, should a
+    crashed attempt's flow have finished after all)."""
+    from flows.cell_flow import params_digest
+
+    runs = client.search_runs([exp_id], max_results=10, order_by=["attributes.end_time DESC"], filter_string=(
+        f"tags.`mixmerge.cell` = '{name}' and tags.`mixmerge.params_digest` = '{params_digest(params)}' "
+        f"and attributes.status = 'FINISHED'"))
+    return runs[0] if runs else None
+
+
+def run_on_pool(grid: str, pool: str, out: Path, client, exp_id: str, experiment: str, logger) -> tuple[list, list]:
+    """Every cell as a flow run of the work pool's deployment; any free worker takes it. A run
+    that crashes (its worker died: Prefect marks it so when its heartbeats stop) is run again,
+    and the dead attempt's MLflow runs are marked KILLED, so each cell is recorded once.
+    Results come back from the MLflow server into ``out``. Returns (ran, failed) cell names."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.cell_flow import DEPLOYMENT, FLOW_NAME, ensure_deployment
+
+    ensure_deployment(pool)
+    all_cells = cells(grid)
+    todo = [(n, p) for n, _, p in all_cells if _finished_cell_run(client, exp_id, n, p) is None]
+    logger.info(f"{len(all_cells)} cells, {len(all_cells) - len(todo)} already recorded, {len(todo)} to run on pool {pool}")
+
+    def submit(name: str, params: dict, attempt: int) -> str:
+        run = run_deployment(f"{FLOW_NAME}/{DEPLOYMENT}", timeout=0, as_subflow=False, parameters={
+            "grid": grid, "name": name, "params": params, "experiment": experiment})
+        logger.info(f"{name}: attempt {attempt} is flow run {run.name}")
+        return str(run.id)
+
+    pending = {submit(n, p, 1): (n, p, 1) for n, p in todo}
+    ran, failed = [], []
+    with get_client(sync_client=True) as prefect_client:
+        while pending:
+            time.sleep(2)
+            for run_id, (name, params, attempt) in list(pending.items()):
+                state = prefect_client.read_flow_run(run_id).state
+                if state is None or not state.is_final():
+                    continue
+                del pending[run_id]
+                if state.is_completed():
+                    ran.append(name)
+                    continue
+                for r in client.search_runs([exp_id], filter_string=(
+                        f"tags.`mixmerge.prefect_flow_run_id` = '{run_id}' and attributes.status = 'RUNNING'")):
+                    client.set_terminated(r.info.run_id, "KILLED")  # the dead attempt's record
+                if state.is_crashed() and attempt < MAX_ATTEMPTS:
+                    logger.warning(f"{name}: {state.name} ({state.message}); running it again")
+                    pending[submit(name, params, attempt + 1)] = (name, params, attempt + 1)
+                else:
+                    logger.error(f"{name}: {state.name}: {state.message}")
+                    failed.append(name)
+    for name, params in [(n, p) for n, _, p in all_cells]:
+        record = _finished_cell_run(client, exp_id, name, params)
+        if record is not None:
+            (out / name).mkdir(parents=True, exist_ok=True)
+            client.download_artifacts(record.info.run_id, "results", str(out / name))
+    return ran, failed
+
+
 @flow(name="mixmerge-sweep", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
-def mixmerge_sweep(grid: str = "default", workers: int = 2, out_dir: str = "sweeps") -> dict:
-    """Run every cell of ``grid`` (at most ``workers`` at once) and summarise over seeds."""
+def mixmerge_sweep(grid: str = "default", workers: int = 2, out_dir: str = "sweeps", pool: str | None = None,
+                   experiment: str | None = None) -> dict:
+    """Run every cell of ``grid`` (at most ``workers`` at once here, or as flow runs on the
+    work pool ``pool``) and summarise over seeds."""
     logger = get_run_logger()
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     out = (REPO / out_dir / grid).resolve()
-    experiment = f"mixmerge-sweep-{grid}"
+    experiment = experiment or f"mixmerge-sweep-{grid}"
     env = _cell_env(experiment)
     client, exp_id = _experiment(env)
     all_cells = cells(grid)
+    if pool:
+        ran, failed = run_on_pool(grid, pool, out, client, exp_id, experiment, logger)
+        return _finish(grid, out, client, exp_id, all_cells, ran, failed)
     todo = [(n, lab) for n, lab, p in all_cells if prepare_cell(out / n, p)]
     logger.info(f"{len(all_cells)} cells, {len(all_cells) - len(todo)} already done, {len(todo)} to run")
     failed = []
@@ -319,6 +390,10 @@ def mixmerge_sweep(grid: str = "default", workers: int = 2, out_dir: str = "swee
             fut.wait()
             if not fut.state.is_completed():
                 failed.append(n)
+    return _finish(grid, out, client, exp_id, all_cells, [n for n, _ in todo], failed)
+
+
+def _finish(grid: str, out: Path, client, exp_id: str, all_cells: list, ran: list[str], failed: list[str]) -> dict:
     done = [(n, lab) for n, lab, _ in all_cells if (out / n / "results" / "metrics.json").exists()]
     rows = []
     if done:
@@ -327,7 +402,7 @@ def mixmerge_sweep(grid: str = "default", workers: int = 2, out_dir: str = "swee
         print((out / "summary.md").read_text())
     if failed:
         raise RuntimeError(f"{len(failed)} cells failed: {', '.join(failed)} (their log.txt says why)")
-    return {"cells": len(all_cells), "ran": len(todo), "summary": str(out / "summary.md"), "rows": rows}
+    return {"cells": len(all_cells), "ran": len(ran), "summary": str(out / "summary.md"), "rows": rows}
 
 
 if __name__ == "__main__":
@@ -337,8 +412,13 @@ if __name__ == "__main__":
     p.add_argument("--grid", default="default", choices=sorted(GRIDS))
     p.add_argument("--workers", type=int, default=2, help="cells run at once (each uses base.torch_threads cores)")
     p.add_argument("--out", default="sweeps", help="folder for the cells and the summary (default: sweeps)")
+    p.add_argument("--pool", default=os.environ.get("MIXMERGE_WORK_POOL") or None,
+                   help="run the cells as flow runs on this Prefect work pool (default: $MIXMERGE_WORK_POOL; "
+                        "unset: here, --workers at a time)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment of the cells (default: mixmerge-sweep-GRID)")
     args = p.parse_args()
     from flows.local_server import prefect_api
 
     with prefect_api():  # a server of this run's own when PREFECT_API_URL is not set
-        mixmerge_sweep(grid=args.grid, workers=args.workers, out_dir=args.out)
+        mixmerge_sweep(grid=args.grid, workers=args.workers, out_dir=args.out, pool=args.pool,
+                       experiment=args.experiment)

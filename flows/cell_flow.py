@@ -1,0 +1,135 @@
+"""One sweep cell as a Prefect flow run on a work pool: whichever worker is free takes it.
+
+The sweep driver (`python -m flows.sweep --pool POOL`) creates one flow run of the deployment
+`mixmerge-sweep-cell/cells` per cell, with the cell's params as a parameter. On the worker
+that takes it, the cell runs in the worker's own checkout, in MIXMERGE_DATA_DIR/<grid>/<cell>,
+exactly as a local sweep runs it (flows.sweep_cell). Its record goes to the MLflow server:
+a parent run per attempt, tagged with the cell and the Prefect flow run, holding the cell's
+results (results/metrics.json, rounds.csv) as artifacts, from which the driver builds the
+summary. Its DVC outputs go to the shared remote (MIXMERGE_DVC_REMOTE) when one is set.
+
+The deployment's entrypoint is a module path, so each worker imports this module from its
+own checkout (PYTHONPATH, set by flows.worker); no code is shipped through the server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from prefect import flow, get_run_logger
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW_NAME = "mixmerge-sweep-cell"
+DEPLOYMENT = "cells"
+ENTRYPOINT = "flows.cell_flow.sweep_cell_flow"
+EXIT_BAD_CONFIG = 2
+
+
+def params_digest(params: dict) -> str:
+    """What identifies a cell's configuration in the record, whichever machine ran it."""
+    return hashlib.sha256(yaml.safe_dump(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("MIXMERGE_DATA_DIR") or REPO / "sweeps")
+
+
+@flow(name=FLOW_NAME, flow_run_name="{grid}/{name}", log_prints=True)
+def sweep_cell_flow(grid: str, name: str, params: dict, experiment: str) -> dict:
+    """Run one cell of ``grid`` with ``params`` on this worker; record it in ``experiment``."""
+    import mlflow
+    from mlflow.entities import Metric
+    from prefect.runtime import flow_run
+
+    from flows.sweep import CellFolderInUse, prepare_cell
+    from pipeline.io.tracking import ensure_experiment
+
+    logger = get_run_logger()
+    cell_dir = data_dir() / grid / name
+    try:
+        prepare_cell(cell_dir, params)  # an earlier attempt's folder with these params is resumed
+    except CellFolderInUse as e:
+        raise ValueError(str(e)) from None
+    client = mlflow.MlflowClient()
+    exp_id = ensure_experiment(client, REPO, experiment)
+    worker = os.environ.get("PREFECT__WORKER_NAME", "")
+    parent = client.create_run(exp_id, run_name=name, tags={
+        "mixmerge.role": "pipeline", "mixmerge.sweep": grid, "mixmerge.cell": name,
+        "mixmerge.params_digest": params_digest(params), "mixmerge.prefect_flow_run_id": str(flow_run.id),
+        "mixmerge.worker": worker, "mixmerge.host": socket.gethostname()}).info.run_id
+    logger.info(f"cell {name} in {cell_dir} on {worker or socket.gethostname()}; MLflow run {parent}")
+    env = {**os.environ, "MIXMERGE_EXPERIMENT": experiment, "MIXMERGE_PARENT_RUN_ID": parent, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    started = time.perf_counter()
+    with open(cell_dir / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.sweep_cell", str(cell_dir)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # streamed to the flow run's log while the cell runs
+            log.write(line)
+            logger.info(line.rstrip())
+        returncode = proc.wait()
+    cell_seconds = time.perf_counter() - started  # the pipeline itself; the rest of the flow run is orchestration
+    if returncode != 0:
+        client.set_terminated(parent, "FAILED")
+        kind = ValueError if returncode == EXIT_BAD_CONFIG else RuntimeError
+        raise kind(f"{name}: exited with {returncode} (see {cell_dir}/log.txt on {socket.gethostname()})")
+    results = cell_dir / "results"
+    for f in ("metrics.json", "rounds.csv"):
+        if (results / f).exists():
+            client.log_artifact(parent, str(results / f), artifact_path="results")
+    started = time.perf_counter()
+    pushed = push_outputs(cell_dir)
+    client.log_batch(parent, metrics=[Metric("cell_seconds", cell_seconds, int(time.time() * 1000), 0),
+                                      Metric("dvc_push_seconds", time.perf_counter() - started, int(time.time() * 1000), 0)])
+    client.set_tag(parent, "mixmerge.dvc_pushed", str(pushed))
+    client.set_terminated(parent, "FINISHED")
+    return {"cell": name, "mlflow_run": parent, "worker": worker, "dvc_pushed": pushed}
+
+
+def push_outputs(cell_dir: Path) -> int:
+    """The cell's outputs to the shared DVC remote, if one is set (MIXMERGE_DVC_REMOTE). The
+    cell folder is a DVC repository of its own with the project's dvc.yaml (flows.sweep_cell);
+    `dvc commit` records what the stages wrote (dvc.lock, cache) as `dvc repro` would have,
+    and `dvc push` sends it, so any machine can `dvc pull` the cell. The stages' code deps are
+    this checkout's pipeline/ (a link beside dvc.yaml). Returns the number of files pushed."""
+    remote = os.environ.get("MIXMERGE_DVC_REMOTE")
+    if not remote:
+        return 0
+    code = cell_dir / "pipeline"
+    if not code.is_symlink():
+        code.symlink_to(REPO / "pipeline", target_is_directory=True)
+
+    def dvc(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cell_dir, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"dvc {args[0]} in {cell_dir} failed: {(out.stderr or out.stdout).strip()[-500:]}")
+        return out.stdout
+
+    dvc("commit", "--force")
+    dvc("remote", "add", "--force", "--local", "shared", remote)
+    pushed = dvc("push", "--remote", "shared")
+    first = pushed.strip().splitlines()[-1] if pushed.strip() else ""
+    return int(first.split()[0]) if first[:1].isdigit() else 0
+
+
+def ensure_deployment(work_pool: str) -> str:
+    """The deployment every cell's flow run is made from (created or updated; idempotent)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(FLOW_NAME)
+        return str(client.create_deployment(flow_id=flow_id, name=DEPLOYMENT, entrypoint=ENTRYPOINT,
+                                            work_pool_name=work_pool, enforce_parameter_schema=False,
+                                            description="One mixmerge sweep cell; submitted by python -m flows.sweep --pool"))
+
+
+if __name__ == "__main__":
+    print(json.dumps(sweep_cell_flow(*sys.argv[1:3], json.loads(sys.argv[3]), sys.argv[4])))
