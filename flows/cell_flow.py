@@ -6,7 +6,8 @@ that takes it, the cell runs in the worker's own checkout, in MIXMERGE_DATA_DIR/
 exactly as a local sweep runs it (flows.sweep_cell). Its record goes to the MLflow server:
 a parent run per attempt, tagged with the cell and the Prefect flow run, holding the cell's
 results (results/metrics.json, rounds.csv) as artifacts, from which the driver builds the
-summary. Its DVC outputs go to the shared remote (MIXMERGE_DVC_REMOTE) when one is set.
+summary. Its DVC outputs and run-cache entries go to the shared remote (MIXMERGE_DVC_REMOTE)
+when one is set, so a stage computed on one machine is restored, not recomputed, on another.
 
 The deployment's entrypoint is a module path, so each worker imports this module from its
 own checkout (PYTHONPATH, set by flows.worker); no code is shipped through the server.
@@ -89,35 +90,27 @@ def sweep_cell_flow(grid: str, name: str, params: dict, experiment: str) -> dict
     pushed = push_outputs(cell_dir)
     client.log_batch(parent, metrics=[Metric("cell_seconds", cell_seconds, int(time.time() * 1000), 0),
                                       Metric("dvc_push_seconds", time.perf_counter() - started, int(time.time() * 1000), 0)])
-    client.set_tag(parent, "mixmerge.dvc_pushed", str(pushed))
+    stages = json.loads((cell_dir / "stages.json").read_text())
+    for key, value in {"mixmerge.dvc_pushed": str(pushed), "mixmerge.stages_ran": ",".join(stages["ran"]),
+                       "mixmerge.stages_restored": ",".join(stages["restored"])}.items():
+        client.set_tag(parent, key, value)
     client.set_terminated(parent, "FINISHED")
     return {"cell": name, "mlflow_run": parent, "worker": worker, "dvc_pushed": pushed}
 
 
 def push_outputs(cell_dir: Path) -> int:
-    """The cell's outputs to the shared DVC remote, if one is set (MIXMERGE_DVC_REMOTE). The
-    cell folder is a DVC repository of its own with the project's dvc.yaml (flows.sweep_cell);
-    `dvc commit` records what the stages wrote (dvc.lock, cache) as `dvc repro` would have,
-    and `dvc push` sends it, so any machine can `dvc pull` the cell. The stages' code deps are
-    this checkout's pipeline/ (a link beside dvc.yaml). Returns the number of files pushed."""
-    remote = os.environ.get("MIXMERGE_DVC_REMOTE")
-    if not remote:
+    """The cell's outputs and run-cache entries to the shared DVC remote, if one is set
+    (MIXMERGE_DVC_REMOTE): flows.sweep_cell has recorded them (dvc.lock, cache, run cache) as
+    `dvc repro` would, so another machine restores these stages instead of computing them, or
+    `dvc pull`s the cell. Returns the number of files pushed (0 without a remote)."""
+    if not os.environ.get("MIXMERGE_DVC_REMOTE"):
         return 0
-    code = cell_dir / "pipeline"
-    if not code.is_symlink():
-        code.symlink_to(REPO / "pipeline", target_is_directory=True)
-
-    def dvc(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cell_dir, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"dvc {args[0]} in {cell_dir} failed: {(out.stderr or out.stdout).strip()[-500:]}")
-        return out.stdout
-
-    dvc("commit", "--force")
-    dvc("remote", "add", "--force", "--local", "shared", remote)
-    pushed = dvc("push", "--remote", "shared")
-    first = pushed.strip().splitlines()[-1] if pushed.strip() else ""
-    return int(first.split()[0]) if first[:1].isdigit() else 0
+    out = subprocess.run([sys.executable, "-m", "dvc", "push", "--run-cache"], cwd=cell_dir, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc push in {cell_dir} failed: {(out.stderr or out.stdout).strip()[-500:]}")
+    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    return int(last.split()[0]) if last[:1].isdigit() else 0
 
 
 def ensure_deployment(work_pool: str) -> str:

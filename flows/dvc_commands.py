@@ -5,6 +5,7 @@ where a dvc.py would shadow the dvc package.)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 
 # How long the flow waits for DVC's repository lock held by another dvc process
@@ -65,12 +67,10 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def stale(root: Path, names: list[str]) -> list[str]:
-    """The stages among ``names`` that DVC reports as changed (or never run).
-
-    Asked in-process, under DVC's repository lock, of each stage itself (what `dvc status`
-    computes per stage): starting a `dvc status` process per layer was most of the flow's
-    per-stage overhead."""
+@contextlib.contextmanager
+def locked_repo(root: Path) -> Iterator:
+    """DVC's repository at ``root``, its lock held; waits for another DVC process that holds
+    it (a `dvc repro`, a `dvc commit`), as `dvc --wait-for-lock` does, but not for ever."""
     from dvc.lock import LockError
     from dvc.repo import Repo
 
@@ -78,11 +78,9 @@ def stale(root: Path, names: list[str]) -> list[str]:
     while True:
         try:
             with Repo(str(root)) as repo, repo.lock:
-                stages = {s.name: s for s in repo.index.stages}
-                return [n for n in names if stages[n].status()]
+                yield repo
+                return
         except LockError:
-            # another DVC process (a `dvc repro`, a `dvc commit`) holds the repository: wait
-            # for it, as `dvc --wait-for-lock` does, but not for ever
             if time.monotonic() > deadline:
                 raise RuntimeError(f"DVC's repository lock in {root} stayed taken for {LOCK_WAIT_S:.0f} s "
                                    f"(another dvc process is running there)") from None
@@ -90,6 +88,59 @@ def stale(root: Path, names: list[str]) -> list[str]:
                 print(f"waiting for DVC's repository lock in {root} (another dvc process holds it)", flush=True)
                 said = True
             time.sleep(0.5)
+
+
+def stale(root: Path, names: list[str]) -> list[str]:
+    """The stages among ``names`` that DVC reports as changed (or never run).
+
+    Asked in-process, under DVC's repository lock, of each stage itself (what `dvc status`
+    computes per stage): starting a `dvc status` process per layer was most of the flow's
+    per-stage overhead."""
+    with locked_repo(root) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+        return [n for n in names if stages[n].status()]
+
+
+def has_default_remote(root: Path) -> bool:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return bool(repo.config["core"].get("remote"))
+
+
+def restore_from_run_cache(root: Path, names: list[str], pull: bool = False) -> list[str]:
+    """The stages among ``names`` (stale ones) that DVC's run cache holds for their current
+    code, params and inputs, restored as `dvc repro` restores them: outputs checked out from
+    the cache (``pull``: fetched from the default remote first, with the remote's run-cache
+    entries), dvc.lock entries written. Returns the restored ones; the rest must run."""
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    restored = []
+    # DVC's run cache builds the cached stage from the relative path "dvc.yaml", resolved
+    # against the working directory: restore from the project's folder. The flow calls this
+    # between generations, when none of its stage threads is running.
+    with contextlib.chdir(root), locked_repo(root) as repo:
+        if pull:
+            try:
+                repo.stage_cache.pull(None)
+            except Exception as e:  # noqa: BLE001  (a remote that is down: compute instead)
+                print(f"DVC's run cache could not be pulled from the remote ({e}); computing instead", flush=True)
+                pull = False
+        stages = {s.name: s for s in repo.index.stages}
+        for name in names:
+            stage = stages[name]
+            try:
+                repo.stage_cache.restore(stage, pull=pull)
+            except RunCacheNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001  (an output that is not in the cache would be overwritten)
+                print(f"{name}: not restored from DVC's run cache ({type(e).__name__}: {e}); running it", flush=True)
+                continue
+            stage.save()
+            stage.commit()
+            stage.dump(update_pipeline=False)
+            restored.append(name)
+    return restored
 
 
 def commit(root: Path, names: list[str]) -> None:

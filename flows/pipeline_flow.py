@@ -240,16 +240,23 @@ def _bring_up_to_date(root: Path, stack_shards: bool, logger) -> dict:
         raise RuntimeError(f"tracking store {tracking_uri(root)} is unreachable or unusable: {first}") from None
     _link_flow_run(client, parent)
     env = {"MIXMERGE_PARENT_RUN_ID": parent}
-    ran, skipped, timings = [], [], {}
+    ran, skipped, restored, timings = [], [], [], {}
     uncommitted: list[str] = []
     error: BaseException | None = None
     try:
         generations, upstream = dvc.graph(root)
+        pull = dvc.has_default_remote(root)  # outputs computed on another machine, through the remote
         by_stage = {}  # stage name -> the future that ran it: the task graph's edges
         for layer in generations:
             names = [s.name for s in layer]
             todo = set(dvc.stale(root, names))
             skipped += [n for n in names if n not in todo]
+            if todo:  # computed before with this code, params and inputs: DVC's run cache has it
+                back = dvc.restore_from_run_cache(root, sorted(todo), pull=pull)
+                if back:
+                    logger.info(f"restored from DVC's run cache, not run: {back}")
+                restored += back
+                todo -= set(back)
             units = [[s] for s in layer if s.name in todo]
             if stack_shards:
                 units = dvc.stacked_shard_units(units)
@@ -301,7 +308,7 @@ def _bring_up_to_date(root: Path, stack_shards: bool, logger) -> dict:
     _publish_results(root, client, parent, ran)
     from prefect.runtime import flow_run
 
-    return {"ran": ran, "skipped": skipped, "timings": timings, "mlflow_parent_run": parent,
+    return {"ran": ran, "skipped": skipped, "restored": restored, "timings": timings, "mlflow_parent_run": parent,
             "prefect_flow_run": str(flow_run.id)}
 
 
@@ -329,5 +336,6 @@ if __name__ == "__main__":
     except ProjectBusy as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(75)  # EX_TEMPFAIL: try again later
-    print(f"ran: {', '.join(summary['ran']) or 'nothing'}; up to date: {', '.join(summary['skipped']) or 'nothing'}")
+    print(f"ran: {', '.join(summary['ran']) or 'nothing'}; restored from DVC's run cache: "
+          f"{', '.join(summary['restored']) or 'nothing'}; up to date: {', '.join(summary['skipped']) or 'nothing'}")
     sys.exit(0)

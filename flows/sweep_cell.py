@@ -1,47 +1,103 @@
 """One sweep cell: every stage of the pipeline, in this one process, in the cell's folder.
 
-The cell folder holds its own params.yaml and a copy of dvc.yaml; the stages, their order and
-their commands come from DVC's graph of that folder (flows.dvc_commands.layers), so a stage
-added to dvc.yaml runs here as it does in `dvc repro` and the Prefect flow. Each stage's
-command (`python -m pipeline.<stage> ...`) is run as a call of that module's main in this
-process, the K shard stages as one stacked call: that spares each cell an interpreter start
-and the imports of torch and MLflow per stage, which on a small dataset cost more than the
-training.
+The cell folder is a DVC repository of its own: its params.yaml, a copy of dvc.yaml, and a
+link to this checkout's pipeline/ (the stages' code deps). The stages, their order and their
+commands come from DVC's graph of that folder, so a stage added to dvc.yaml runs here as it
+does in `dvc repro` and the Prefect flow. For each generation of the graph the cell asks DVC
+which stages are stale, restores those that DVC's run cache holds (computed before, by any cell
+with the same code, params and inputs: the cells of a sweep share one DVC cache,
+``<sweep folder>/.dvc-cache``, and with MIXMERGE_DVC_REMOTE set, the run cache of every
+machine), runs the rest, and records them with `dvc commit` (dvc.lock, cache, run cache).
+
+Each command (`python -m pipeline.<stage> ...`) is run as a call of that module's main in this
+process, the K shard stages as one stacked call: that spares each cell an interpreter start and
+the imports of torch and MLflow per stage, which on a small dataset cost more than the training.
+What ran and what was restored is written to ``stages.json`` in the cell folder.
 
 Run: python -m flows.sweep_cell CELL_DIR   (the sweep flow does this per cell)
 """
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+REMOTE = "shared"
+
+
+def prepare_repo(cell_dir: Path, dvc_yaml: Path = REPO / "dvc.yaml") -> None:
+    """Make the cell folder a DVC repository running this checkout's dvc.yaml and code, with
+    the sweep's shared cache and, if MIXMERGE_DVC_REMOTE is set, that remote as its default."""
+    from dvc.repo import Repo
+
+    shutil.copyfile(dvc_yaml, cell_dir / "dvc.yaml")
+    code = cell_dir / "pipeline"
+    if not code.is_symlink():
+        code.symlink_to(REPO / "pipeline", target_is_directory=True)
+    if not (cell_dir / ".dvc").is_dir():
+        Repo.init(str(cell_dir), no_scm=True).close()
+    with Repo(str(cell_dir)) as repo, repo.config.edit("local") as conf:
+        conf["cache"]["dir"] = str((cell_dir.parent.parent / ".dvc-cache").resolve())
+        remote = os.environ.get("MIXMERGE_DVC_REMOTE")
+        if remote:
+            conf["remote"][REMOTE] = {"url": remote}
+            conf["core"]["remote"] = REMOTE
 
 
 def plan(cell_dir: Path, dvc_yaml: Path = REPO / "dvc.yaml") -> list[tuple[str, list[str]]]:
-    """(module, arguments) of each command the cell runs, in the order of DVC's graph of
+    """(module, arguments) of each command a fresh cell runs, in the order of DVC's graph of
     ``dvc_yaml`` with the cell's params (its foreach expands with the cell's own shards)."""
-    from dvc.repo import Repo
-
     from flows.dvc_commands import layers, python_module, stacked_shard_units, unit_command
 
-    shutil.copyfile(dvc_yaml, cell_dir / "dvc.yaml")
-    if not (cell_dir / ".dvc").is_dir():
-        Repo.init(str(cell_dir), no_scm=True).close()
+    prepare_repo(cell_dir, dvc_yaml)
     return [python_module(unit_command(unit))
             for layer in layers(cell_dir) for unit in stacked_shard_units([[stage] for stage in layer])]
 
 
-def main(cell_dir: str) -> None:
+def main(cell_dir: str) -> dict[str, list[str]]:
+    from flows.dvc_commands import layers, python_module, restore_from_run_cache, stacked_shard_units, stale, \
+        unit_command
     from pipeline.runtime import cli
 
-    steps = plan(Path(cell_dir))
-    os.chdir(cell_dir)
-    for module, argv in steps:
-        cli.run(module.rsplit(".", 1)[-1], importlib.import_module(module).main, argv)
+    cell = Path(cell_dir).resolve()
+    prepare_repo(cell)
+    pull = bool(os.environ.get("MIXMERGE_DVC_REMOTE"))
+    os.chdir(cell)
+    ran, restored = [], []
+    for layer in layers(cell):
+        todo = stale(cell, [s.name for s in layer])
+        back = restore_from_run_cache(cell, todo, pull=pull) if todo else []
+        restored += back
+        units = stacked_shard_units([[s] for s in layer if s.name in todo and s.name not in back])
+        for unit in units:
+            module, argv = python_module(unit_command(unit))
+            cli.run(module.rsplit(".", 1)[-1], importlib.import_module(module).main, argv)
+        names = [s.name for unit in units for s in unit]
+        if names:
+            _commit(cell, names)
+            ran += names
+    if restored:
+        print(f"restored from DVC's run cache, not run: {', '.join(restored)}", flush=True)
+    (cell / "stages.json").write_text(json.dumps({"ran": ran, "restored": restored}) + "\n")
+    return {"ran": ran, "restored": restored}
+
+
+def _commit(cell: Path, names: list[str]) -> None:
+    """`dvc commit --force NAMES` in this process (the cell's folder is the working directory,
+    which DVC resolves targets against): dvc.lock, the cache, and the run cache."""
+    from flows.dvc_commands import locked_repo
+
+    with locked_repo(cell) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+        for name in names:
+            stage = stages[name]
+            stage.save()
+            stage.commit()
+            stage.dump(update_pipeline=False)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def test_up_is_idempotent_and_the_servers_keep_their_records_in_postgres(cluster
 
 
 def test_the_smoke_sweep_spreads_over_both_workers_and_equals_the_one_machine_sweep(cluster, tmp_path):
-    proc = cluster.sweep("--out", str(tmp_path / "pool"))
+    pool_out = cluster.root / "summaries" / "pool"
+    proc = cluster.sweep("--out", str(pool_out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = _cell_runs(cluster.mlflow(), "mixmerge-sweep-smoke")
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -80,7 +81,25 @@ def test_the_smoke_sweep_spreads_over_both_workers_and_equals_the_one_machine_sw
     local = subprocess.run([sys.executable, "-m", "flows.sweep", "--grid", "smoke", "--out", str(tmp_path / "local")],
                            cwd=REPO, env=local_env, capture_output=True, text=True, timeout=540)
     assert local.returncode == 0, local.stderr[-3000:]
-    assert _summary(tmp_path / "pool" / "smoke" / "summary.csv") == _summary(tmp_path / "local" / "smoke" / "summary.csv")
+    assert _summary(pool_out / "smoke" / "summary.csv") == _summary(tmp_path / "local" / "smoke" / "summary.csv")
+
+
+def test_the_same_sweep_on_machines_that_lost_their_data_restores_every_stage_from_the_remote(cluster, tmp_path):
+    """After the sweep above, both workers lose their cell folders and their DVC caches; the
+    same grid again (recorded as a new experiment) restores every stage through the shared
+    remote's run cache: no stage runs, and the summary is the same."""
+    for name in ("w1", "w2"):
+        shutil.rmtree(cluster.root / name / "sweeps", ignore_errors=True)
+    proc = cluster.sweep("--out", str(tmp_path / "again"), "--experiment", "again")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finished = [r for r in _cell_runs(cluster.mlflow(), "again") if r.info.status == "FINISHED"]
+    assert len(finished) == 4
+    for r in finished:
+        assert r.data.tags["mixmerge.stages_ran"] == "", r.data.tags["mixmerge.cell"]
+        assert set(r.data.tags["mixmerge.stages_restored"].split(",")) == {
+            "prepare", "pretrain", "federate", "mix_train@0", "mix_train@1", "merge", "evaluate"}
+    first = cluster.root / "summaries" / "pool" / "smoke" / "summary.csv"
+    assert _summary(tmp_path / "again" / "smoke" / "summary.csv") == _summary(first)
 
 
 def test_eight_processes_logging_to_the_server_at_once_lose_no_metric(cluster):

@@ -429,3 +429,26 @@ def test_stages_interrupted_without_the_flow_stop_the_flow_as_ctrl_c(tmp_path):
     assert flow.returncode == 130, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "interrupted: the stages that finished are recorded in dvc.lock"
     assert "Retry" not in stderr
+
+
+def test_a_stage_failing_under_dvc_repro_loses_nothing_dvc_checkout_restores_it(repro_project, tmp_path):
+    """Without `persist`, `dvc repro` deletes a stage's outputs before running it. When the stage
+    then fails, DVC's cache still holds every earlier output, tables included, and `dvc checkout`
+    puts them back byte for byte."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "project"
+    shutil.copytree(repro_project, root, symlinks=True)
+    before = {p: p.read_bytes() for p in (root / "results").iterdir() if p.is_file()}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["interpolation_points"] = 1  # refused: evaluate exits 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run([sys.executable, "-m", "dvc", "repro"], root)
+    assert proc.returncode != 0 and "evaluate.interpolation_points" in proc.stderr, proc.stderr[-2000:]
+    assert not (root / "results/models.csv").exists(), "DVC removed the outputs before running the stage"
+    proc = run([sys.executable, "-m", "dvc", "checkout"], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = {p: p.read_bytes() for p in (root / "results").iterdir() if p.is_file()}
+    assert after == before and root / "results/metrics.json" in after

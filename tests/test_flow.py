@@ -91,6 +91,24 @@ def test_stacked_shards_run_as_one_process_and_are_committed(flow_project):
     assert {r.data.tags["mlflow.parentRunId"] for r in stacked} == {summary["mlflow_parent_run"]}
 
 
+def test_going_back_to_earlier_params_restores_from_the_run_cache_and_runs_nothing(flow_project, repro_project):
+    root, _ = flow_project
+    first = yaml.safe_load((repro_project / "params.yaml").read_text())  # the first run's params
+    changed = yaml.safe_load((repro_project / "params.yaml").read_text())
+    changed["merge"]["mergers"]["ties"]["density"] = 0.7
+    (root / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    assert "merge" in mixmerge_pipeline(project_dir=str(root))["ran"]
+    (root / "params.yaml").write_text(yaml.safe_dump(first, sort_keys=False))
+    summary = mixmerge_pipeline(project_dir=str(root))
+    assert summary["ran"] == []
+    assert {"merge", "evaluate"} <= set(summary["restored"])  # (and the shards, after the tests above)
+    # what DVC restored is what the first run computed, as `dvc repro` computes it
+    assert yaml.safe_load((root / "dvc.lock").read_text()) == yaml.safe_load((repro_project / "dvc.lock").read_text())
+    assert (root / "results/metrics.json").read_bytes() == (repro_project / "results/metrics.json").read_bytes()
+    status = run([sys.executable, "-m", "dvc", "status", "--json"], root)
+    assert json.loads(status.stdout) == {}
+
+
 @flow
 def _one_stage(root: str, stage: Stage):
     return run_stage(root, stage, {})

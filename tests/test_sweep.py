@@ -41,6 +41,24 @@ def test_every_cell_ran_and_the_summary_averages_over_seeds(swept):
     assert (root / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cells_share_one_dvc_cache_and_restore_what_another_cell_computed(swept):
+    """The mixer does not touch prepare, pretrain or federate: the mixup cells (run after the
+    none cells of the same seeds) restore those from the sweep's run cache and train only."""
+    import json
+
+    root, _, _, _, _ = swept
+    for seed in (0, 1):
+        none = json.loads((root / f"mixer-none_partition-iid_seed-{seed}" / "stages.json").read_text())
+        mixup = json.loads((root / f"mixer-mixup_partition-iid_seed-{seed}" / "stages.json").read_text())
+        assert none["restored"] == [] and "pretrain" in none["ran"]
+        assert sorted(mixup["restored"]) == ["federate", "prepare", "pretrain"]
+        assert mixup["ran"] == ["mix_train@0", "mix_train@1", "merge", "evaluate"]
+        for stage_output in ("data/pretrain/model.safetensors", "data/federated/fedavg.safetensors"):
+            assert ((root / f"mixer-none_partition-iid_seed-{seed}" / stage_output).read_bytes()
+                    == (root / f"mixer-mixup_partition-iid_seed-{seed}" / stage_output).read_bytes())
+    assert (root.parent / ".dvc-cache" / "runs").is_dir()
+
+
 def test_all_cells_are_in_one_mlflow_experiment(swept):
     _, uri, _, _, _ = swept
     client = MlflowClient(uri)
