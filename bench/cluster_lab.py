@@ -82,24 +82,28 @@ def base_env(**extra: str) -> dict[str, str]:
 class Lab:
     """The cluster servers in ``root``/cluster, and workers started on request."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, up_args: tuple[str, ...] = (), outside_env: dict[str, str] | None = None):
+        """``up_args``: more flags for `flows.cluster up`; ``outside_env``: variables every server,
+        worker and driver gets (an S3 endpoint's credentials)."""
         self.root = root
         self.dir = root / "cluster"
         self.ports = {"--postgres-port": free_port(), "--prefect-port": free_port(), "--mlflow-port": free_port()}
+        self.up_args = list(up_args)
+        self.outside_env = dict(outside_env or {})
         self.workers: dict[str, subprocess.Popen] = {}
         self.env: dict[str, str] = {}
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        extra = [a for kv in self.ports.items() for a in map(str, kv)] if args[0] == "up" else []
+        extra = [a for kv in self.ports.items() for a in map(str, kv)] + self.up_args if args[0] == "up" else []
         return subprocess.run([sys.executable, "-m", "flows.cluster", *args, "--dir", str(self.dir), *extra],
-                              cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+                              cwd=REPO, env=base_env(**self.outside_env), capture_output=True, text=True, timeout=300)
 
     def up(self) -> None:
         proc = self.cli("up")
         if proc.returncode != 0:
             raise RuntimeError(f"cluster up failed: {proc.stdout}{proc.stderr}")
         lines = self.cli("env").stdout.split()
-        self.env = dict(line.split("=", 1) for line in lines if "=" in line)
+        self.env = {**self.outside_env, **dict(line.split("=", 1) for line in lines if "=" in line)}
 
     def start_worker(self, name: str) -> Path:
         where = checkout(self.root / name)
@@ -124,6 +128,25 @@ class Lab:
 
         return mlflow.MlflowClient(self.env["MLFLOW_TRACKING_URI"])
 
+    def server_memory_mb(self) -> dict[str, float]:
+        """Memory of each server with every process under it (PostgreSQL's backends, the
+        servers' workers), as proportional set size: shared pages counted once."""
+        import json
+
+        state = json.loads((self.dir / "cluster.json").read_text())
+        postmaster = int((self.dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        out = {}
+        for name, pid in (("PostgreSQL", postmaster), ("Prefect", state["prefect_pid"]), ("MLflow", state["mlflow_pid"])):
+            kb = 0
+            for p in descendants(pid):
+                try:
+                    kb += int(next(line for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+                                   if line.startswith("Pss:")).split()[1])
+                except (OSError, StopIteration):
+                    continue
+            out[name] = kb / 1024
+        return out
+
     def stop(self) -> None:
         for name in list(self.workers):
             self.stop_worker(name)
@@ -134,25 +157,25 @@ def bench_pool(device, repeats, grid="smoke"):
     """The smoke grid as flow runs on the work pool: one worker, then two (separate
     checkouts, one cell at a time each), cells per hour side by side; and the orchestration
     per cell: each worker's share of the wall time per cell, less the pipeline inside the cell."""
-    root = lab_root()
-    lab = Lab(root)
-    rates, overheads = {}, {}
-    try:
-        start = time.perf_counter()
-        lab.up()
-        up_seconds = time.perf_counter() - start
-        for workers in (1, 2):
-            for i in range(1, workers + 1):
-                if f"w{i}" not in lab.workers:
-                    lab.start_worker(f"w{i}")
-            experiment = f"bench-pool-{workers}"
+    rates, overheads, up_seconds = {}, {}, []
+    for workers in (1, 2):
+        # a lab of its own per configuration: with one remote and cache, the second sweep
+        # would restore the first one's stages instead of computing them
+        root = lab_root()
+        lab = Lab(root)
+        try:
             start = time.perf_counter()
-            proc = lab.sweep("--out", str(root / experiment), "--experiment", experiment, timeout=1800)
+            lab.up()
+            up_seconds.append(time.perf_counter() - start)
+            for i in range(1, workers + 1):
+                lab.start_worker(f"w{i}")
+            start = time.perf_counter()
+            proc = lab.sweep("--out", str(root / "sweep"), timeout=1800)
             wall = time.perf_counter() - start
             if proc.returncode:
                 raise RuntimeError(f"pool sweep ({workers} workers) failed: {proc.stderr[-2000:]}")
             client = lab.mlflow()
-            exp = client.get_experiment_by_name(experiment)
+            exp = client.get_experiment_by_name(f"mixmerge-sweep-{grid}")
             runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED' "
                                       "and tags.`mixmerge.cell` != ''")
             rates[workers] = 3600 * len(runs) / wall
@@ -160,13 +183,16 @@ def bench_pool(device, repeats, grid="smoke"):
             # Prefect and MLflow calls, the DVC push
             cell_seconds = [r.data.metrics["cell_seconds"] for r in runs]
             overheads[workers] = workers * wall / len(runs) - sum(cell_seconds) / len(cell_seconds)
-    finally:
-        lab.stop()
-        shutil.rmtree(root, ignore_errors=True)
+            memory = lab.server_memory_mb()
+        finally:
+            lab.stop()
+            shutil.rmtree(root, ignore_errors=True)
     return {"row": f"sweep on the work pool ({grid})", "baseline": "1 worker", "candidate": "2 workers",
             "baseline_value": rates[1], "candidate_value": rates[2], "unit": "cells/hour",
             "ratio": rates[2] / rates[1], "reading": f"{rates[1]:.0f} -> {rates[2]:.0f}/h",
             "target": "near 2x with 2 workers on 2 machines",
             "note": (f"orchestration per cell (workers x wall / cells, less the pipeline's own time): "
-                     f"{overheads[1]:.1f} s with 1 worker, {overheads[2]:.1f} s with 2; cluster up {up_seconds:.1f} s; "
-                     "both workers share this machine's 2 cores")}
+                     f"{overheads[1]:.1f} s with 1 worker, {overheads[2]:.1f} s with 2; cluster up "
+                     f"{min(up_seconds):.1f}-{max(up_seconds):.1f} s; "
+                     "both workers share this machine's 2 cores; servers' memory (PSS) after the 2-worker sweep: "
+                     + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))}

@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 FLOW_NAME = "mixmerge-sweep-cell"
 DEPLOYMENT = "cells"
 ENTRYPOINT = "flows.cell_flow.sweep_cell_flow"
+STAGE_FLOW_NAME = "mixmerge-stage"
+STAGE_DEPLOYMENT = "stages"
+STAGE_ENTRYPOINT = "flows.cell_flow.project_stage_flow"
 EXIT_BAD_CONFIG = 2
 
 
@@ -70,18 +73,12 @@ def sweep_cell_flow(grid: str, name: str, params: dict, experiment: str) -> dict
     env = {**os.environ, "MIXMERGE_EXPERIMENT": experiment, "MIXMERGE_PARENT_RUN_ID": parent, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     started = time.perf_counter()
-    with open(cell_dir / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.sweep_cell", str(cell_dir)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # streamed to the flow run's log while the cell runs
-            log.write(line)
-            logger.info(line.rstrip())
-        returncode = proc.wait()
-    cell_seconds = time.perf_counter() - started  # the pipeline itself; the rest of the flow run is orchestration
-    if returncode != 0:
+    try:
+        _run_cell(cell_dir, env, logger)
+    except Exception:
         client.set_terminated(parent, "FAILED")
-        kind = ValueError if returncode == EXIT_BAD_CONFIG else RuntimeError
-        raise kind(f"{name}: exited with {returncode} (see {cell_dir}/log.txt on {socket.gethostname()})")
+        raise
+    cell_seconds = time.perf_counter() - started  # the pipeline itself; the rest of the flow run is orchestration
     results = cell_dir / "results"
     for f in ("metrics.json", "rounds.csv"):
         if (results / f).exists():
@@ -96,6 +93,42 @@ def sweep_cell_flow(grid: str, name: str, params: dict, experiment: str) -> dict
         client.set_tag(parent, key, value)
     client.set_terminated(parent, "FINISHED")
     return {"cell": name, "mlflow_run": parent, "worker": worker, "dvc_pushed": pushed}
+
+
+def _run_cell(cell_dir: Path, env: dict[str, str], logger, *args: str) -> None:
+    """`python -m flows.sweep_cell CELL_DIR [ARGS]`, its output streamed to the flow run's log
+    while it runs and kept in the cell's log.txt."""
+    with open(cell_dir / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.sweep_cell", str(cell_dir), *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            logger.info(line.rstrip())
+        returncode = proc.wait()
+    if returncode != 0:
+        kind = ValueError if returncode == EXIT_BAD_CONFIG else RuntimeError
+        raise kind(f"{cell_dir.name}: exited with {returncode} (see {cell_dir}/log.txt on {socket.gethostname()})")
+
+
+@flow(name=STAGE_FLOW_NAME, flow_run_name="{stage}", log_prints=True)
+def project_stage_flow(params_yaml: str, stage: str, experiment: str, parent_run: str) -> dict:
+    """One stage of a pipeline run that another machine orchestrates (the flow's
+    ``--shards-on-pool``): in a folder of this worker keyed by the params, restore what the stage
+    needs from the shared remote's run cache (the orchestrator pushed it), run the stage, and
+    push its outputs and run-cache entry back, from which the orchestrator restores it. The
+    stage's MLflow run nests under the orchestrator's parent run."""
+    logger = get_run_logger()
+    folder = data_dir() / "projects" / hashlib.sha256(params_yaml.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(params_yaml)
+    env = {**os.environ, "MIXMERGE_EXPERIMENT": experiment, "MIXMERGE_PARENT_RUN_ID": parent_run,
+           "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    _run_cell(folder, env, logger, "--target", stage)
+    pushed = push_outputs(folder)
+    stages = json.loads((folder / "stages.json").read_text())
+    return {"stage": stage, "worker": os.environ.get("PREFECT__WORKER_NAME", ""), "ran": stages["ran"],
+            "restored": stages["restored"], "dvc_pushed": pushed}
 
 
 def push_outputs(cell_dir: Path) -> int:
@@ -113,16 +146,19 @@ def push_outputs(cell_dir: Path) -> int:
     return int(last.split()[0]) if last[:1].isdigit() else 0
 
 
-def ensure_deployment(work_pool: str) -> str:
-    """The deployment every cell's flow run is made from (created or updated; idempotent)."""
+def ensure_deployment(work_pool: str, flow_name: str = FLOW_NAME) -> str:
+    """The deployment a sweep cell's (or, with ``STAGE_FLOW_NAME``, a remote stage's) flow runs
+    are made from (created or updated; idempotent)."""
     from prefect.client.orchestration import get_client
 
+    name, entrypoint, what = {
+        FLOW_NAME: (DEPLOYMENT, ENTRYPOINT, "One mixmerge sweep cell; submitted by python -m flows.sweep --pool"),
+        STAGE_FLOW_NAME: (STAGE_DEPLOYMENT, STAGE_ENTRYPOINT,
+                          "One stage of a mixmerge pipeline run; submitted by python -m flows.pipeline_flow "
+                          "--shards-on-pool"),
+    }[flow_name]
     with get_client(sync_client=True) as client:
-        flow_id = client.create_flow_from_name(FLOW_NAME)
-        return str(client.create_deployment(flow_id=flow_id, name=DEPLOYMENT, entrypoint=ENTRYPOINT,
-                                            work_pool_name=work_pool, enforce_parameter_schema=False,
-                                            description="One mixmerge sweep cell; submitted by python -m flows.sweep --pool"))
+        flow_id = client.create_flow_from_name(flow_name)
+        return str(client.create_deployment(flow_id=flow_id, name=name, entrypoint=entrypoint, work_pool_name=work_pool,
+                                            enforce_parameter_schema=False, description=what))
 
-
-if __name__ == "__main__":
-    print(json.dumps(sweep_cell_flow(*sys.argv[1:3], json.loads(sys.argv[3]), sys.argv[4])))

@@ -14,9 +14,10 @@ server on it, and a DVC remote, all started and stopped by the machine that coor
   database; UI and API on --host:--prefect-port.
 - MLflow: `mlflow server` with its backend store on the `mlflow` database and proxied artifact
   storage (workers upload through the server; the files land in DIR/mlartifacts, or in an
-  S3-compatible bucket given with --artifacts-destination).
+  S3-compatible bucket given with --artifacts-destination s3://bucket/path: the server reads
+  AWS_* credentials and AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL from this environment).
 - DVC remote: DIR/dvc-remote by default (a folder every worker mounts), or any URL DVC takes
-  (--dvc-remote s3://bucket/path with dvc-s3).
+  (--dvc-remote s3://bucket/path, with dvc-s3; each worker needs the AWS_* variables).
 
 `up` is idempotent: a server already answering is left as it is. State (ports, pids, URLs) is in
 DIR/cluster.json; logs in DIR/*.log.
@@ -222,7 +223,10 @@ def up(folder: Path, host: str = "127.0.0.1", postgres_port: int = 5433, prefect
     start_postgres(folder, state["postgres_port"], folder / "postgres.log")
     if "://" not in state["dvc_remote"]:
         Path(state["dvc_remote"]).mkdir(parents=True, exist_ok=True)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    # the servers' own settings come from here, not from a client's environment (an S3 store's
+    # AWS_* and MLFLOW_S3_* variables pass through)
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "MLFLOW_TRACKING_URI")}
 
     if not _answers(f"{u['prefect_api']}/health"):
         if not _port_free(state["host"], state["prefect_port"]):
@@ -241,7 +245,10 @@ def up(folder: Path, host: str = "127.0.0.1", postgres_port: int = 5433, prefect
                                       "--backend-store-uri", f"{u['postgres']}/mlflow",
                                       "--serve-artifacts", "--artifacts-destination", state["artifacts"],
                                       "--host", state["host"], "--port", str(state["mlflow_port"]), "--workers", "2"],
-                                     {**base_env, "MLFLOW_LOGGING_LEVEL": "WARNING"}, folder / "mlflow.log"))
+                                     # no server-side job runner: its eight processes (1.2 GB) serve
+                                     # MLflow's GenAI jobs, which nothing here uses
+                                     {**base_env, "MLFLOW_LOGGING_LEVEL": "WARNING",
+                                      "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, folder / "mlflow.log"))
         _wait_until(f"{u['mlflow']}/health", state["mlflow_pid"], "MLflow", folder / "mlflow.log")
 
     _ensure_work_pool(u["prefect_api"], state["work_pool"])

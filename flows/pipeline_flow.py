@@ -97,6 +97,56 @@ def run_stage(root: str, stage: dvc.Stage, env_extra: dict[str, str]) -> dict[st
     return {"started": start, "finished": time.time()}
 
 
+POOL_ATTEMPTS = 3  # a stage whose worker died (its flow run Crashed) is sent again, at most this many times
+
+
+@task(task_run_name="{stage.name} on pool {pool}")
+def run_stage_on_pool(root: str, stage: dvc.Stage, pool: str, env_extra: dict[str, str]) -> dict[str, float]:
+    """Run one stage on whichever worker of ``pool`` is free, as a flow run of the deployment
+    `mixmerge-stage/stages` (flows.cell_flow.project_stage_flow, shown here as a subflow run). The
+    worker restores what the stage needs from the shared remote and pushes what it computed;
+    the flow restores it from there after the generation. Returns start and end (epoch s)."""
+    from prefect.deployments import run_deployment
+
+    from flows.cell_flow import STAGE_DEPLOYMENT, STAGE_FLOW_NAME
+
+    logger = get_run_logger()
+    start = time.time()
+    for attempt in range(1, POOL_ATTEMPTS + 1):
+        run = run_deployment(f"{STAGE_FLOW_NAME}/{STAGE_DEPLOYMENT}", timeout=None, parameters={
+            "params_yaml": (Path(root) / "params.yaml").read_text(), "stage": stage.name,
+            "experiment": os.environ.get("MIXMERGE_EXPERIMENT", "mixmerge"),
+            "parent_run": env_extra["MIXMERGE_PARENT_RUN_ID"]})
+        if run.state.is_completed():
+            return {"started": start, "finished": time.time()}
+        if not run.state.is_crashed() or attempt == POOL_ATTEMPTS:
+            raise RuntimeError(f"{stage.name} on pool {pool}: flow run {run.name} ended {run.state.name}: "
+                               f"{run.state.message}")
+        logger.warning(f"{stage.name}: flow run {run.name} crashed ({run.state.message}); sending it again")
+    raise AssertionError("unreachable")
+
+
+def _share_with_pool(root: Path, pool: str, logger) -> None:
+    """Before a generation's stages go to the pool: the deployment exists, and everything this
+    project computed so far is on the shared remote with its run-cache entries, so a worker
+    restores the stages' inputs instead of computing them."""
+    from flows.cell_flow import STAGE_FLOW_NAME, ensure_deployment
+
+    if not dvc.has_default_remote(root):
+        remote = os.environ.get("MIXMERGE_DVC_REMOTE")
+        if not remote:
+            raise StageConfigError("stages on a work pool need a DVC remote the workers reach: set "
+                                   "MIXMERGE_DVC_REMOTE or `dvc remote add -d NAME URL`")
+        out = dvc.dvc(root, "remote", "add", "--local", "--force", "--default", "shared", remote)
+        if out.returncode != 0:
+            raise RuntimeError(f"dvc remote add failed: {out.stderr.strip()}")
+    ensure_deployment(pool, STAGE_FLOW_NAME)
+    out = dvc.dvc(root, "push", "--run-cache")
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc push --run-cache failed: {out.stderr.strip()[-500:]}")
+    logger.info(f"pushed this project's outputs and run cache for the workers of pool {pool}")
+
+
 def _relay(stream, log, tail: deque, held: list[str] | None = None) -> None:
     """Log each line of a stage's output as it arrives. With ``held``, a Python traceback is
     kept back from its first line on (the caller logs it as one message, or drops it when the
@@ -216,21 +266,26 @@ def _publish_results(root: Path, client, parent: str, ran: list[str]) -> None:
 
 
 @flow(name="mixmerge-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
-def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False) -> dict:
+def mixmerge_pipeline(project_dir: str = ".", stack_shards: bool = False, shards_on_pool: str | None = None) -> dict:
     """Bring every DVC stage of the project up to date; returns what ran and what was skipped.
 
     ``stack_shards``: train all stale mix_train shards in one process, stacked and vmapped,
     instead of one process each. Faster (no K-fold import and load cost), and equal to the
     one-by-one result within float tolerance, but not byte for byte: leave it off when the
     flow must write exactly what `dvc repro` writes.
+
+    ``shards_on_pool``: train each stale mix_train shard on a free worker of this Prefect work
+    pool instead (see run_stage_on_pool); the experts reach this machine through the DVC remote.
     """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
+    if stack_shards and shards_on_pool:
+        raise StageConfigError("choose stack_shards or shards_on_pool, not both")
     with project_lock(root, say=logger.warning):  # a second flow here waits for this one
-        return _bring_up_to_date(root, stack_shards, logger)
+        return _bring_up_to_date(root, stack_shards, logger, shards_on_pool)
 
 
-def _bring_up_to_date(root: Path, stack_shards: bool, logger) -> dict:
+def _bring_up_to_date(root: Path, stack_shards: bool, logger, pool: str | None = None) -> dict:
     try:
         client, parent = _start_parent_run(root)
     except Exception as e:  # noqa: BLE001  (MLflow, requests and SQLAlchemy errors alike)
@@ -260,11 +315,17 @@ def _bring_up_to_date(root: Path, stack_shards: bool, logger) -> dict:
             units = [[s] for s in layer if s.name in todo]
             if stack_shards:
                 units = dvc.stacked_shard_units(units)
+            remote = {s.name for u in units for s in u if pool and s.name.startswith(dvc.SHARD_STAGE)}
+            if remote:
+                _share_with_pool(root, pool, logger)
             futures = {}
             for unit in units:
                 command = dvc.unit_command(unit)
-                after = {u for s in unit for u in upstream[s.name] if u in by_stage}
-                fut = run_stage.submit(str(root), command, env, wait_for=[by_stage[u] for u in sorted(after)])
+                after = [by_stage[u] for u in sorted({u for s in unit for u in upstream[s.name] if u in by_stage})]
+                if command.name in remote:
+                    fut = run_stage_on_pool.submit(str(root), command, pool, env, wait_for=after)
+                else:
+                    fut = run_stage.submit(str(root), command, env, wait_for=after)
                 futures[command.name] = (unit, fut)
                 by_stage.update({s.name: fut for s in unit})
             failed = []
@@ -272,10 +333,18 @@ def _bring_up_to_date(root: Path, stack_shards: bool, logger) -> dict:
                 fut.wait()
                 if fut.state.is_completed():
                     ran += [s.name for s in unit]
-                    uncommitted += [s.name for s in unit]
+                    if name not in remote:
+                        uncommitted += [s.name for s in unit]
                     timings[name] = fut.result()
                 else:
                     failed.append(name)
+            done_remotely = sorted(n for n in remote if n not in failed)
+            if done_remotely:  # what the workers pushed: outputs, dvc.lock entries, as if run here
+                back = dvc.restore_from_run_cache(root, done_remotely, pull=True)
+                if sorted(back) != done_remotely:
+                    raise RuntimeError(
+                        f"{', '.join(sorted(set(done_remotely) - set(back)))} ran on pool {pool} but cannot be restored "
+                        "here: is every worker's checkout at this checkout's commit (same code, same dvc.yaml)?")
             if uncommitted and not failed:
                 # Recorded now, not at the end: a flow killed in a later generation keeps this
                 # one's work (dvc.lock and the cache), as `dvc repro` keeps each finished stage.
@@ -319,6 +388,9 @@ if __name__ == "__main__":
     cli.add_argument("--project-dir", default=".")
     cli.add_argument("--stack-shards", action="store_true",
                      help="train all stale shards in one stacked process (equal within float tolerance)")
+    cli.add_argument("--shards-on-pool", default=None, metavar="POOL",
+                     help="train each stale shard on a free worker of this Prefect work pool (see README: "
+                          "Several GPU machines)")
     args = cli.parse_args()
     from flows.local_server import prefect_api
 
@@ -329,7 +401,8 @@ if __name__ == "__main__":
     try:
         with prefect_api():  # a server of this run's own when PREFECT_API_URL is not set
             store.join()
-            summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards)
+            summary = mixmerge_pipeline(project_dir=args.project_dir, stack_shards=args.stack_shards,
+                                        shards_on_pool=args.shards_on_pool)
     except KeyboardInterrupt:  # Ctrl-C: the stages got it too and stopped; the server is stopped
         print("interrupted: the stages that finished are recorded in dvc.lock", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

@@ -14,7 +14,8 @@ process, the K shard stages as one stacked call: that spares each cell an interp
 the imports of torch and MLflow per stage, which on a small dataset cost more than the training.
 What ran and what was restored is written to ``stages.json`` in the cell folder.
 
-Run: python -m flows.sweep_cell CELL_DIR   (the sweep flow does this per cell)
+Run: python -m flows.sweep_cell CELL_DIR [--target STAGE]   (the sweep flow does this per cell;
+a worker given one shard of a flow's experiment runs it with --target mix_train@K)
 """
 from __future__ import annotations
 
@@ -58,8 +59,22 @@ def plan(cell_dir: Path, dvc_yaml: Path = REPO / "dvc.yaml") -> list[tuple[str, 
             for layer in layers(cell_dir) for unit in stacked_shard_units([[stage] for stage in layer])]
 
 
-def main(cell_dir: str) -> dict[str, list[str]]:
-    from flows.dvc_commands import layers, python_module, restore_from_run_cache, stacked_shard_units, stale, \
+def needed_for(target: str, upstream: dict[str, list[str]]) -> set[str]:
+    """``target`` and every stage whose outputs it reads, directly or not."""
+    if target not in upstream:
+        raise ValueError(f"no stage {target!r} in dvc.yaml; stages: {', '.join(sorted(upstream))}")
+    out, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += upstream[name]
+    return out
+
+
+def main(cell_dir: str, target: str | None = None) -> dict[str, list[str]]:
+    """Bring the cell's stages up to date (only ``target`` and what it needs, if given)."""
+    from flows.dvc_commands import graph, python_module, restore_from_run_cache, stacked_shard_units, stale, \
         unit_command
     from pipeline.runtime import cli
 
@@ -67,8 +82,13 @@ def main(cell_dir: str) -> dict[str, list[str]]:
     prepare_repo(cell)
     pull = bool(os.environ.get("MIXMERGE_DVC_REMOTE"))
     os.chdir(cell)
+    generations, upstream = graph(cell)
+    wanted = needed_for(target, upstream) if target else set(upstream)
     ran, restored = [], []
-    for layer in layers(cell):
+    for layer in generations:
+        layer = [s for s in layer if s.name in wanted]
+        if not layer:
+            continue
         todo = stale(cell, [s.name for s in layer])
         back = restore_from_run_cache(cell, todo, pull=pull) if todo else []
         restored += back
@@ -101,4 +121,10 @@ def _commit(cell: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m flows.sweep_cell", description=__doc__.split("\n\n")[0])
+    p.add_argument("cell_dir")
+    p.add_argument("--target", default=None, help="only this stage and the stages it needs")
+    args = p.parse_args()
+    main(args.cell_dir, args.target)

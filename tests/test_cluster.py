@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.cluster_lab import Lab, base_env, free_port, lab_root
 from tests.conftest import REPO
@@ -184,3 +185,79 @@ def test_without_a_system_postgresql_the_one_from_pypi_serves(tmp_path, monkeypa
         shutil.rmtree(folder, ignore_errors=True)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.slow
+def test_the_shards_of_one_experiment_train_on_the_workers_and_reach_the_flow_through_the_remote(
+        cluster, repro_project, tmp_path):
+    """`--shards-on-pool`: prepare and pretrain here, each mix_train shard on a free worker (it
+    restores prepare and pretrain from the remote), the experts back through the remote's run
+    cache, merge and evaluate here; the result is `dvc repro`'s, byte for byte."""
+    from tests.conftest import TINY, make_project
+
+    if "w1" not in cluster.workers:  # the killed-worker test took it down
+        cluster.start_worker("w1")
+    root = make_project(tmp_path / "project", TINY)
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline_flow", "--project-dir", str(root),
+                           "--shards-on-pool", cluster.env["MIXMERGE_WORK_POOL"]], cwd=REPO,
+                          env=base_env(**cluster.env), capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = [f"mix_train@{k}" for k in range(len(TINY["base.shards"]))]
+    logs = {w: (cluster.root / f"{w}.log").read_text() for w in ("w1", "w2")}
+    for shard in shards:
+        assert any(f"Flow run '{shard}'" in log for log in logs.values()), shard
+    assert all(any(f"Flow run '{s}'" in log for s in shards) for log in logs.values()), "both workers trained"
+    assert yaml.safe_load((root / "dvc.lock").read_text()) == yaml.safe_load((repro_project / "dvc.lock").read_text())
+    assert (root / "results/metrics.json").read_bytes() == (repro_project / "results/metrics.json").read_bytes()
+    client = cluster.mlflow()
+    exp = client.get_experiment_by_name("mixmerge")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`mixmerge.role` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    trained = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`mixmerge.stage` = 'mix_train' and tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"))
+    assert len(trained) == len(shards)  # the workers' stage runs under this flow's pipeline run
+
+
+@pytest.mark.slow
+def test_artifacts_and_the_dvc_remote_in_an_s3_compatible_store(tmp_path):
+    """MLflow's proxied artifacts and the DVC remote in a bucket of moto's S3 server on
+    loopback: the smoke sweep on one worker records its results through the MLflow server into
+    the bucket, pushes the cells' outputs there, and its summary comes back from it."""
+    import boto3
+
+    s3_port = free_port()
+    aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"}
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = lab_root()
+    lab = Lab(root, up_args=("--artifacts-destination", "s3://lab/mlflow", "--dvc-remote", "s3://lab/dvc"),
+              outside_env=aws)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                s3 = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                                  aws_secret_access_key="test", region_name="us-east-1")
+                s3.create_bucket(Bucket="lab")
+                break
+            except Exception:  # noqa: BLE001  (moto still starting)
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        lab.up()
+        assert lab.env["MIXMERGE_DVC_REMOTE"] == "s3://lab/dvc"
+        lab.start_worker("w1")
+        proc = lab.sweep("--out", str(tmp_path))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="lab")
+                for o in page.get("Contents", [])]
+        assert sum(k.startswith("mlflow/") and k.endswith("results/metrics.json") for k in keys) == 4
+        assert any(k.startswith("dvc/files/md5/") for k in keys) and any(k.startswith("dvc/runs/") for k in keys)
+        assert len(_summary(tmp_path / "smoke" / "summary.csv")) == 2
+        assert not any((root / "cluster" / "mlartifacts").glob("**/*.json")), "nothing stored beside the server"
+    finally:
+        lab.stop()
+        moto.kill()
+        moto.wait()
+        shutil.rmtree(root, ignore_errors=True)
