@@ -80,7 +80,9 @@ def bench_sweep_cell(device, repeats):
     walls, computes = {}, {}
     for mode in ("cold", "warm"):
         with tempfile.TemporaryDirectory() as tmp:
-            root = make_project(Path(tmp), {})
+            # laid out as a sweep lays out its cells (<sweep>/<grid>/<cell>), so the cell's DVC
+            # cache is <sweep>/.dvc-cache: one per mode, neither restores what the other computed
+            root = make_project(Path(tmp) / "grid" / "cell", {})
             start = time.perf_counter()
             if mode == "cold":
                 rc = subprocess.run([sys.executable, "-m", "flows.sweep_cell", str(root)], cwd=REPO, env=_env(),

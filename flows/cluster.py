@@ -25,6 +25,7 @@ DIR/cluster.json; logs in DIR/*.log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -185,7 +186,8 @@ def _alive(pid: int | None) -> bool:
 
 
 def urls(state: dict) -> dict[str, str]:
-    host = state["host"]
+    # listening on every interface: other machines reach it by this machine's name
+    host = socket.gethostname() if state["host"] in ("0.0.0.0", "::") else state["host"]
     return {
         "prefect_api": f"http://{host}:{state['prefect_port']}/api",
         "prefect_ui": f"http://{host}:{state['prefect_port']}",
@@ -329,25 +331,14 @@ def down(folder: Path) -> None:
         pid = state.get(key)
         if _alive(pid):
             # the server's whole session: uvicorn/gunicorn workers and Prefect's services with it
-            with _ignore(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
             deadline = time.time() + 20
             while _alive(pid) and time.time() < deadline:
                 time.sleep(0.2)
-            with _ignore(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     stop_postgres(folder)
-
-
-class _ignore:
-    def __init__(self, *errors):
-        self.errors = errors
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, self.errors)
 
 
 def _read_state(folder: Path) -> dict:

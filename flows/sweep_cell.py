@@ -32,12 +32,16 @@ REMOTE = "shared"
 
 def prepare_repo(cell_dir: Path, dvc_yaml: Path = REPO / "dvc.yaml") -> None:
     """Make the cell folder a DVC repository running this checkout's dvc.yaml and code, with
-    the sweep's shared cache and, if MIXMERGE_DVC_REMOTE is set, that remote as its default."""
+    the sweep's shared cache (two folders up: cells live in <sweep>/<grid>/<cell>, pool stages
+    in <data dir>/projects/<params digest>) and, if MIXMERGE_DVC_REMOTE is set, that remote as
+    its default."""
     from dvc.repo import Repo
 
     shutil.copyfile(dvc_yaml, cell_dir / "dvc.yaml")
     code = cell_dir / "pipeline"
-    if not code.is_symlink():
+    if code.is_symlink() and code.readlink() != REPO / "pipeline":  # a folder another checkout ran
+        code.unlink()
+    if not code.exists():  # (a copy of the whole project has its own pipeline/: kept)
         code.symlink_to(REPO / "pipeline", target_is_directory=True)
     if not (cell_dir / ".dvc").is_dir():
         Repo.init(str(cell_dir), no_scm=True).close()
