@@ -108,11 +108,12 @@ def has_default_remote(root: Path) -> bool:
         return bool(repo.config["core"].get("remote"))
 
 
-def restore_from_run_cache(root: Path, names: list[str], pull: bool = False) -> list[str]:
+def restore_from_run_cache(root: Path, names: list[str], pull: bool = False, write_lock: bool = True) -> list[str]:
     """The stages among ``names`` (stale ones) that DVC's run cache holds for their current
     code, params and inputs, restored as `dvc repro` restores them: outputs checked out from
     the cache (``pull``: fetched from the default remote first, with the remote's run-cache
-    entries), dvc.lock entries written. Returns the restored ones; the rest must run."""
+    entries), dvc.lock entries written (unless not ``write_lock``: the caller writes them later,
+    see flows.sweep_cell). Returns the restored ones; the rest must run."""
     from dvc.stage.cache import RunCacheNotFoundError
 
     restored = []
@@ -138,8 +139,9 @@ def restore_from_run_cache(root: Path, names: list[str], pull: bool = False) -> 
                 continue
             stage.save()
             stage.commit()
-            stage.dump(update_pipeline=False)
             restored.append(name)
+        if restored and write_lock:  # one write of dvc.lock for all of them, as `dvc commit` does
+            stages[restored[0]].dvcfile.dump_stages([stages[n] for n in restored], update_pipeline=False)
     return restored
 
 
