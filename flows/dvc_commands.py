@@ -108,6 +108,18 @@ def has_default_remote(root: Path) -> bool:
         return bool(repo.config["core"].get("remote"))
 
 
+def run_cache_sources(root: Path) -> tuple[bool, bool]:
+    """(whether DVC's run cache can hold anything for this project, whether to pull from its
+    default remote): a project with no run-cache entry and no remote skips the restore attempts
+    (each opens the repository and hashes the stage's inputs)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        remote = bool(repo.config["core"].get("remote"))
+        runs = Path(repo.cache.legacy.path) / "runs"
+    return remote or (runs.is_dir() and any(runs.iterdir())), remote
+
+
 def restore_from_run_cache(root: Path, names: list[str], pull: bool = False, write_lock: bool = True) -> list[str]:
     """The stages among ``names`` (stale ones) that DVC's run cache holds for their current
     code, params and inputs, restored as `dvc repro` restores them: outputs checked out from

@@ -300,13 +300,14 @@ def _bring_up_to_date(root: Path, stack_shards: bool, logger, pool: str | None =
     error: BaseException | None = None
     try:
         generations, upstream = dvc.graph(root)
-        pull = dvc.has_default_remote(root)  # outputs computed on another machine, through the remote
+        # outputs computed before, here or (through the default remote) on another machine
+        may_restore, pull = dvc.run_cache_sources(root)
         by_stage = {}  # stage name -> the future that ran it: the task graph's edges
         for layer in generations:
             names = [s.name for s in layer]
             todo = set(dvc.stale(root, names))
             skipped += [n for n in names if n not in todo]
-            if todo:  # computed before with this code, params and inputs: DVC's run cache has it
+            if todo and may_restore:  # computed before with this code, params and inputs: DVC's run cache has it
                 back = dvc.restore_from_run_cache(root, sorted(todo), pull=pull)
                 if back:
                     logger.info(f"restored from DVC's run cache, not run: {back}")
